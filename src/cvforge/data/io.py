@@ -114,3 +114,44 @@ def verify_image(path: str | Path) -> tuple[int, int]:
     """Fully decode an image (as ``data check`` does); returns its upright (width, height)."""
     image = read_image(path)
     return int(image.shape[-1]), int(image.shape[-2])
+
+
+def load_json(path: str | Path):
+    """Parse a JSON file; malformed JSON raises a DataError naming the file, line and column."""
+    import json
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError("file not found", path, "check the path") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"malformed JSON: {e.msg}", f"{path}:{e.lineno}:{e.colno}", "fix the JSON syntax") from None
+    except UnicodeDecodeError:
+        raise DataError("not a UTF-8 text file", path, "save the file as UTF-8 JSON") from None
+
+
+def load_yaml(path: str | Path):
+    """Parse a YAML file safely; malformed YAML raises a DataError naming the file, line and column."""
+    import yaml
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise DataError("file not found", path, "check the path") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or "syntax error"
+        raise DataError(f"malformed YAML: {problem}", where, "fix the YAML syntax") from None
+
+
+def resolve_inside(root: Path, relative: str) -> Path | None:
+    """``root / relative`` if it stays inside ``root`` (no ``../`` or absolute escape), else None.
+
+    A data set's annotation file must not make cvforge read files elsewhere on the machine.
+    """
+    root = Path(root).resolve()
+    candidate = (root / relative).resolve()
+    return candidate if candidate == root or root in candidate.parents else None
