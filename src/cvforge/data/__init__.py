@@ -138,7 +138,10 @@ def _read(source: DataSource, split: str, task: str, problems: Problems) -> tupl
     root = _yaml_root(source) if path.is_file() else path
     if fmt == "voc":
         from cvforge.data.formats.voc import read_voc
-        return read_voc(root, split, problems, classes=options.get("names"), task=task)
+        names = options.get("names")
+        if names and task == "segment" and names[0] != "background":
+            names = ["background", *names]  # VOC masks: index 0 is background
+        return read_voc(root, split, problems, classes=names, task=task)
     if fmt == "masks":
         from cvforge.data.formats.masks import read_masks
         return read_masks(root, split, problems)

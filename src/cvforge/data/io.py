@@ -37,8 +37,8 @@ def _open(path: Path) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(path)
-    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise _decode_error(path, e) from None
+    except (OSError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise _decode_error(path, e) from None  # UnidentifiedImageError is an OSError too
     if image.width * image.height > MAX_PIXELS:
         raise DataError(f"image is {image.width}x{image.height} pixels, refused as a possible decompression bomb",
                         path, f"resize it below {MAX_PIXELS:,} pixels")
