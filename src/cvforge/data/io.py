@@ -155,3 +155,30 @@ def resolve_inside(root: Path, relative: str) -> Path | None:
     root = Path(root).resolve()
     candidate = (root / relative).resolve()
     return candidate if candidate == root or root in candidate.parents else None
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """True if the two paths are one file or hold the same bytes."""
+    import filecmp
+    import os
+    return os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)
+
+
+def place_file(source: Path, dest: Path) -> Path:
+    """Hard-link ``source`` to ``dest`` (copy where linking fails); an identical ``dest`` is kept.
+
+    Raises DataError if ``dest`` exists with different contents: a writer never overwrites a file.
+    """
+    import os
+    import shutil
+    source, dest = Path(source), Path(dest)
+    if dest.exists():
+        if same_file(source, dest):
+            return dest
+        raise DataError("a different file already exists", dest, "write to an empty folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, dest)
+    except OSError:  # another file system, or links not supported
+        shutil.copy2(source, dest)
+    return dest

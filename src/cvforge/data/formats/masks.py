@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from cvforge.data.dataset import IGNORE, Sample, read_mask
-from cvforge.data.formats.voc import place_file
+from cvforge.data.io import place_file
 from cvforge.data.io import image_size, is_image_file, load_yaml
 from cvforge.data.problems import Problems
 from cvforge.errors import DataError

@@ -18,10 +18,7 @@ external references are refused, so an annotation file cannot exhaust memory or 
 """
 from __future__ import annotations
 
-import filecmp
-import os
 import re
-import shutil
 import xml.etree.ElementTree as ET  # writing only; every parse goes through defusedxml
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from cvforge.data.dataset import Sample, clean_boxes
-from cvforge.data.io import IMAGE_SUFFIXES, image_size, resolve_inside
+from cvforge.data.io import IMAGE_SUFFIXES, image_size, place_file, resolve_inside
 from cvforge.data.problems import Problems
 from cvforge.errors import DataError
 
@@ -336,24 +333,6 @@ def _unique_stems(samples: list[Sample]) -> list[str]:
         used.add(stem)
         stems.append(stem)
     return stems
-
-
-def place_file(source: Path, dest: Path) -> Path:
-    """Hard-link ``source`` to ``dest`` (copy where linking fails); an identical ``dest`` is kept.
-
-    Raises DataError if ``dest`` exists with different contents: a writer never overwrites a file.
-    """
-    source, dest = Path(source), Path(dest)
-    if dest.exists():
-        if os.path.samefile(source, dest) or filecmp.cmp(source, dest, shallow=False):
-            return dest
-        raise DataError("a different file already exists", dest, "write to an empty folder")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, dest)
-    except OSError:  # another file system, or links not supported
-        shutil.copy2(source, dest)
-    return dest
 
 
 def _write_new_text(path: Path, text: str) -> None:
