@@ -209,7 +209,8 @@ def test_multi_part_polygon_is_joined_into_one_line(tmp_path):
     _, target = VisionDataset(read, ["x"], "instance")[0]
     mask = target["masks"][0]
     assert mask[4, 8] == 1 and mask[32, 48] == 1 and mask[21, 24] == 1
-    assert mask[30, 20] == 0 and mask.sum() < 150  # bridges enclose no area
+    # Bridges enclose no area (the hull of the parts would be ~900 px); they only add their 1-px lines.
+    assert mask[30, 20] == 0 and mask.sum() < 200
 
 
 def test_reading_does_not_modify_user_files(tmp_path):

@@ -195,7 +195,9 @@ def _to_pixels(rows: list[tuple[str, int, list[float]]], width: int, height: int
             boxes.append([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height])
             polygons.append(None)
         else:
-            xs, ys = np.array(values[0::2]) * width, np.array(values[1::2]) * height
+            # Normalised coordinates carry 6 decimals; rounding to 1/1000 px puts integer vertices back on the
+            # integer, so that a polygon rasterises to the mask it was written from.
+            xs, ys = np.round(np.array(values[0::2]) * width, 3), np.round(np.array(values[1::2]) * height, 3)
             # The box is the polygon's raw bounds, so that clean_boxes reports points outside the image.
             boxes.append([xs.min(), ys.min(), xs.max(), ys.max()])
             flat = np.stack([np.clip(xs, 0, width), np.clip(ys, 0, height)], axis=1).reshape(-1)
