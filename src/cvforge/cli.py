@@ -29,11 +29,58 @@ def _data_parser(sub) -> None:
     shapes.add_argument("--seed", type=int, default=0)
 
 
+def _train_parser(sub) -> None:
+    """`cvforge train`: one flag per TrainConfig field, so the CLI and the Python API share one vocabulary."""
+    import dataclasses
+    from cvforge.config import TrainConfig
+    train = sub.add_parser("train", help="train a model (default: the task's default model on the built-in data)",
+                           argument_default=argparse.SUPPRESS)
+    defaults = TrainConfig()
+    for field in dataclasses.fields(TrainConfig):
+        flag, default = "--" + field.name.replace("_", "-"), getattr(defaults, field.name)
+        if field.name == "resume":
+            train.add_argument(flag, nargs="?", const="auto", metavar="PATH",
+                               help="continue a stopped run from its last.pt (alone: the newest unfinished run)")
+        elif isinstance(default, bool) or default is None:
+            train.add_argument(flag, type=_boolean, metavar="BOOL", help=f"(default: {default})")
+        else:
+            train.add_argument(flag, type=type(default), metavar=field.name.upper(), help=f"(default: {default!r})")
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _eval_predict_parsers(sub) -> None:
+    evaluate = sub.add_parser("eval", help="metrics of trained weights on a data split")
+    evaluate.add_argument("--weights", required=True, help="a checkpoint written by cvforge train")
+    evaluate.add_argument("--data", help="data SPEC (default: the data the model was trained on)")
+    evaluate.add_argument("--split", default="val")
+    evaluate.add_argument("--batch", type=int, default=16)
+    evaluate.add_argument("--workers", type=int, default=0)
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--out", type=Path, help="folder for plots (default: a new runs/<task>/eval)")
+    predict = sub.add_parser("predict", help="run trained weights on images and folders")
+    predict.add_argument("--weights", required=True)
+    predict.add_argument("source", nargs="+", help="image files or folders")
+    predict.add_argument("--out", type=Path, help="output folder (default: a new runs/<task>/predict)")
+    predict.add_argument("--top", type=int, default=5, help="classes per image (classification)")
+    predict.add_argument("--device", default="auto")
+    models = sub.add_parser("models", help="list the models cvforge can build")
+    models.add_argument("--task", choices=("classify", "segment", "detect", "instance"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvforge", description="Train, evaluate, run and export vision models.")
     parser.add_argument("--version", action="version", version=f"cvforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
                                 metavar="train|eval|predict|export|data|models|demo")
+    _train_parser(sub)
+    _eval_predict_parsers(sub)
     _data_parser(sub)
     sub.add_parser("demo", help="the README's first command: show the built-in data set")
     return parser
@@ -62,12 +109,55 @@ def run_data(args: argparse.Namespace) -> int:
     return 1 if problems.errors else 0
 
 
+def run_train(args: argparse.Namespace) -> int:
+    from cvforge.api import train
+    options = {k: v for k, v in vars(args).items() if k != "command"}
+    result = train(**options)
+    if result.stopped:
+        return 130  # the run saved last.pt and said how to resume
+    best = f"{result.metric} {result.best_metric:.4f}" if result.best_metric is not None else "no validation"
+    print(f"done: {result.epochs} epochs, best {best}; weights in {result.save_dir / 'weights'}, "
+          f"plots in {result.save_dir / 'plots'}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from cvforge.api import evaluate
+    out = args.out
+    metrics = evaluate(args.weights, data=args.data, split=args.split, batch=args.batch, workers=args.workers,
+                       out=out, device=args.device)
+    width = max(len(k) for k in metrics)
+    for key, value in metrics.items():
+        print(f"{key:<{width}}  {value:.4f}")
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from cvforge.predict import predict
+    records, files = predict(args.weights, args.source, out=args.out, top=args.top, device=args.device)
+    for record in records:
+        guesses = ", ".join(f"{g['name']} {g['score']:.3f}" for g in record.get("top", []))
+        print(f"{record['image']}: {guesses}")
+    print(f"wrote {', '.join(map(str, files))}")
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from cvforge.zoo import list_models
+    for name, task in list_models(args.task):
+        print(f"{task:<9} {name}")
+    if args.task in (None, "classify"):
+        print("classify  (any other torchvision classification model name works too)")
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from cvforge.demo import demo
     return demo()
 
 
-COMMANDS = {"data": run_data, "demo": run_demo}
+COMMANDS = {"train": run_train, "eval": run_eval, "predict": run_predict, "models": run_models,
+            "data": run_data, "demo": run_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,170 @@
+"""The Python API, with the command line's vocabulary (DESIGN §4):
+
+    import cvforge
+    result = cvforge.train(task="classify", model="resnet18", data="shapes", epochs=5)
+    metrics = cvforge.evaluate(result.best, data="shapes")
+    model = cvforge.load(result.best)
+    model.predict("cat.jpg")     # {"label": 3, "name": "cat", "score": 0.91, "top": [...]}
+
+Each function here is glue: it resolves the data set, model, transforms and evaluator for the task,
+and hands them to the engine. The work itself lives in the files those parts come from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cvforge.config import TrainConfig
+from cvforge.data import build_dataset
+from cvforge.data.transforms import build_transforms
+from cvforge.engine.checkpoint import load_checkpoint, load_model_state, next_run_dir, resume_target
+from cvforge.engine.trainer import TrainResult, Trainer, resolve_device, to_device
+from cvforge.errors import CvforgeError
+from cvforge.eval import build_evaluator
+from cvforge.zoo import build_model
+
+# The model `cvforge train --task T` builds when --model is not given.
+DEFAULT_MODELS = {"classify": "resnet18", "segment": "fcn8s", "detect": "yolo-n", "instance": "mask_rcnn"}
+
+
+# --------------------------------------------------------------------------------------------- train
+def train(**options: Any) -> TrainResult:
+    """Train a model; ``options`` are ``TrainConfig``'s fields (the CLI's flags). Returns the run's result.
+
+    ``resume="path/to/last.pt"`` (or ``"auto"``) continues a stopped run exactly where it stopped.
+    """
+    config = TrainConfig.from_dict(options)
+    if config.resume:
+        path, saved = resume_target(config.resume, config.project_dir)
+        config = dataclasses.replace(saved, epochs=max(saved.epochs, config.epochs if "epochs" in options else 0))
+    else:
+        config = dataclasses.replace(config, model=config.model or DEFAULT_MODELS[config.task])
+    if config.devices > 1 and "RANK" not in os.environ:
+        from cvforge.engine.distributed import launch
+        launch(_train_worker, config.devices, config.to_dict())
+        return _finished_run(config)
+    return _train_worker(config.to_dict())
+
+
+def _train_worker(values: dict) -> TrainResult:
+    """One training process (also each process under --devices N)."""
+    config = TrainConfig.from_dict(values)
+    train_set = build_dataset(config.data, "train", config.task,
+                              transforms=build_transforms(config.task, True, config.imgsz))
+    val_set = build_dataset(config.data, "val", config.task,
+                            transforms=build_transforms(config.task, False, config.imgsz))
+    _report_problems(train_set, val_set)
+    model = build_model(config.model, task=config.task, num_classes=len(train_set.classes))
+    if config.pretrained and not config.resume:
+        from cvforge.models.weights import load_pretrained
+        print(f"pretrained: {load_pretrained(model, config.pretrained)}")
+    if config.freeze:
+        model.freeze("all" if config.freeze < 0 else config.freeze)
+    trainer = Trainer(config, model, train_set, val_set, build_evaluator(config.task, train_set.classes),
+                      class_names=train_set.classes, callbacks=[RunPlots()])
+    if config.resume:
+        trainer.resume(config.resume)
+    return trainer.fit()
+
+
+def _finished_run(config: TrainConfig) -> TrainResult:
+    """After a multi-process run: the newest run folder's result, read back from its files."""
+    runs = sorted(config.project_dir.glob(f"{config.name}*/weights/last.pt"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise CvforgeError("the distributed run wrote no checkpoint", config.project_dir, "see the messages above")
+    state = load_checkpoint(runs[-1], mmap=True)
+    best = runs[-1].parent / "best.pt"
+    return TrainResult(save_dir=runs[-1].parent.parent, last=runs[-1], best=best if best.exists() else None,
+                       metric=state.get("metric", ""), best_metric=state.get("best_metric"),
+                       epochs=state.get("epoch", 0), stopped=not state.get("finished", False),
+                       history=state.get("history", []))
+
+
+def _report_problems(*datasets) -> None:
+    for dataset in datasets:
+        if dataset.problems:
+            print(f"cvforge: warning: {dataset.source}: {dataset.problems.summary()} — "
+                  f"run `cvforge data check {dataset.source}` for the files and lines")
+
+
+class RunPlots:
+    """Training callback: after the run, curves from metrics.csv and the task's plots of best.pt."""
+
+    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
+        if not trainer.is_main or not (result.save_dir / "metrics.csv").exists():
+            return
+        from cvforge.viz import plot_metrics_csv
+        plot_metrics_csv(result.save_dir / "metrics.csv", result.save_dir / "plots" / "curves.png")
+        weights = result.best or result.last
+        if weights.exists() and not result.stopped:
+            config = trainer.config
+            evaluate(weights, data=config.data, split="val", batch=config.batch, workers=config.workers,
+                     out=result.save_dir / "plots", device=str(trainer.device), quiet=True)
+
+
+# --------------------------------------------------------------------------------------------- load
+class Model:
+    """A trained model rebuilt from a checkpoint alone (``cvforge.load``): ``predict`` images."""
+
+    def __init__(self, module: nn.Module, task: str, classes: list[str], config: TrainConfig, path: Path,
+                 device: torch.device):
+        self.module, self.task, self.classes, self.config, self.path = module, task, classes, config, path
+        self.device = device
+        self.transforms = build_transforms(task, False, config.imgsz)
+
+    def __repr__(self) -> str:
+        return f"cvforge.Model({self.config.model}, task={self.task}, classes={len(self.classes)}, from {self.path})"
+
+    @torch.inference_mode()
+    def predict(self, image: Any, top: int = 5) -> dict[str, Any]:
+        """Predictions for one image (a path, a PIL image, or a uint8 [3, H, W] tensor)."""
+        from cvforge.predict import as_image, describe
+        tensor, _ = self.transforms(as_image(image), {})
+        output = self.module(to_device(tensor[None], self.device))
+        return describe(self.task, output, self.classes, top)[0]
+
+
+def load(path: str | os.PathLike, device: str = "auto") -> Model:
+    """Rebuild the model stored in a cvforge checkpoint (architecture, weights, classes, settings)."""
+    path = Path(path)
+    state = load_checkpoint(path)
+    spec, classes = state.get("model_spec"), state.get("class_names")
+    if not isinstance(spec, dict) or not classes:
+        raise CvforgeError("checkpoint does not say which model it holds", path,
+                           "load a checkpoint written by `cvforge train` (weights/best.pt or last.pt)")
+    kwargs = dict(spec["kwargs"])
+    module = build_model(spec["name"], task=spec["task"], num_classes=kwargs.pop("num_classes"), **kwargs)
+    load_model_state(module, state["model"], where=path)
+    device = resolve_device(device)
+    config = TrainConfig.from_dict(state["train_config"], path)
+    return Model(module.to(device).eval(), spec["task"], list(classes), config, path, device)
+
+
+# --------------------------------------------------------------------------------------------- evaluate
+@torch.inference_mode()
+def evaluate(weights: str | os.PathLike, data: str | None = None, split: str = "val", *, batch: int = 16,
+             workers: int = 0, out: str | os.PathLike | None = None, device: str = "auto",
+             quiet: bool = False) -> dict[str, float]:
+    """Metrics of a checkpoint on a data split (default: the data it was trained on); writes the task's
+    plots (e.g. the confusion matrix) to ``out`` (default: a new ``runs/<task>/eval`` folder)."""
+    from cvforge.data.loader import build_loader
+    from cvforge.predict import write_eval_plots
+    model = load(weights, device)
+    dataset = build_dataset(data or model.config.data, split, model.task, transforms=model.transforms)
+    if dataset.classes != model.classes:
+        raise CvforgeError(f"the data has classes {dataset.classes[:6]}, the model {model.classes[:6]}",
+                           data or model.config.data, "evaluate on data with the classes the model was trained on")
+    evaluator = build_evaluator(model.task, model.classes)
+    loader = build_loader(dataset, model.task, batch_size=batch, shuffle=False, num_workers=workers)
+    from tqdm import tqdm
+    for images, targets in tqdm(loader, desc=f"eval {split}", leave=False, disable=quiet):
+        evaluator.update(to_device(model.module(to_device(images, model.device)), "cpu"), targets)
+    metrics = {key: float(value) for key, value in evaluator.compute().items()}
+    out = Path(out) if out else next_run_dir(Path("runs") / model.task, "eval")
+    write_eval_plots(model.task, evaluator, model.classes, out)
+    return metrics
