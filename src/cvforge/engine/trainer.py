@@ -1,0 +1,592 @@
+"""The training loop: one plain loop for every task (DESIGN §3-§4).
+
+    trainer = Trainer(config, model, train_data, val_data, evaluator)
+    trainer.resume("runs/classify/train/weights/last.pt")   # optional: continue exactly
+    result = trainer.fit()
+
+Per batch: ``losses = model(images, targets)`` (a dict of scalar tensors), ``loss = sum(losses)``,
+backward; every ``accumulate`` batches one optimizer step: gradient clipping, optimizer, EMA,
+scheduler (per iteration, after a linear warm-up). Every epoch: validation (with the EMA weights when
+kept), ``metrics.csv``, ``weights/best.pt`` on the chosen metric, ``weights/last.pt``.
+
+Faults cost at most the current step. SIGINT / SIGTERM set a flag; at the next optimizer-step
+boundary the loop saves ``last.pt`` (mid-epoch, with the sampler position and RNG states) and returns
+``TrainResult(stopped=True)``. A non-finite loss skips its step (gradients zeroed, counted);
+``max_bad_steps`` of them in a row raise ``CvforgeError`` and leave ``last.pt`` as it was. Resuming
+from ``last.pt`` reproduces the uninterrupted run bit for bit: data order and augmentation come from
+the ``SeededSampler`` position, everything else from the checkpoint.
+
+Callbacks are objects with any of ``on_train_start(trainer)``, ``on_step_end(trainer)``,
+``on_epoch_end(trainer, metrics)``, ``on_train_end(trainer, result)``; they run on every rank.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import functools
+import io
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from cvforge.config import TrainConfig
+from cvforge.data.loader import build_loader
+from cvforge.engine import distributed as dist
+from cvforge.engine.checkpoint import (FORMAT, IgnoreStopSignals, StopSignals, capture_rng, check_finite,
+                                       load_checkpoint, load_model_state, next_run_dir, remove_stale_temps,
+                                       restore_rng, save_checkpoint)
+from cvforge.errors import CvforgeError
+
+# The validation metric that picks best.pt when --metric is not given (first one the evaluator reports).
+PRIMARY_METRICS = {"classify": ("top1",), "segment": ("mIoU",), "detect": ("mAP50-95", "mAP50"),
+                   "instance": ("mask_mAP50-95", "mAP50-95", "mAP50")}
+COSINE_FINAL = 0.01  # cosine decays the lr to 1 % of its initial value
+STEP_MILESTONES = (0.7, 0.9)  # the step schedule multiplies the lr by 0.1 at these fractions of training
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices): call before building the model for repeatable runs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def to_device(obj: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
+    """``obj`` with every tensor in nested dicts / lists / tuples moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, dict):
+        return {key: to_device(value, device, non_blocking) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [to_device(value, device, non_blocking) for value in obj]
+    if isinstance(obj, tuple):
+        return tuple(to_device(value, device, non_blocking) for value in obj)
+    return obj
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` | ``N`` | ``N,M,...`` (process ``local_rank`` takes the
+    ``local_rank``-th GPU of a list)."""
+    spec = spec.strip().lower() or "auto"
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise CvforgeError(f"device {spec!r} asks for a GPU but none is visible", None, "use --device cpu")
+    if spec in ("auto", "cuda"):
+        return torch.device("cuda", local_rank)
+    if spec.startswith("cuda:"):
+        return torch.device(spec)
+    ids = [int(i) for i in spec.split(",") if i.strip().isdigit()]
+    if not ids:
+        raise CvforgeError(f"unknown device {spec!r}", None, "use auto, cpu, cuda, cuda:N or GPU ids like 0,1")
+    return torch.device("cuda", ids[local_rank % len(ids)])
+
+
+# --------------------------------------------------------------------------- optimizer, schedule, EMA
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW over the trainable parameters, in the model's groups when it defines
+    ``param_groups(lr, backbone_lr_mult) -> [{"params": [...], "lr": ...}, ...]``. A group that sets its
+    own ``weight_decay`` keeps it; any other is split in two: ``config.weight_decay`` for weights, none
+    for biases and normalisation weights (1-d tensors), where decay only pulls them off a useful scale."""
+    if callable(getattr(model, "param_groups", None)):
+        groups = model.param_groups(config.lr, config.backbone_lr_mult)
+    else:
+        groups = [{"params": list(model.parameters()), "lr": config.lr}]
+    split = []
+    for group in groups:
+        options = {key: value for key, value in group.items() if key != "params"}
+        params = [p for p in group["params"] if p.requires_grad]
+        parts = ([(params, options["weight_decay"])] if "weight_decay" in options else
+                 [([p for p in params if p.ndim > 1], config.weight_decay), ([p for p in params if p.ndim <= 1], 0.0)])
+        for chosen, decay in parts:
+            if chosen:
+                split.append({**options, "params": chosen, "weight_decay": decay})
+    if not split:
+        raise CvforgeError("the model has no trainable parameters", None, "freeze fewer stages (--freeze)")
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(split, lr=config.lr, betas=(config.momentum, 0.999))
+    return torch.optim.SGD(split, lr=config.lr, momentum=config.momentum)
+
+
+class LRFactor:
+    """Multiplier of every group's lr at iteration ``i``: linear warm-up over ``warmup`` iterations,
+    then cosine to ``COSINE_FINAL`` or ×0.1 steps at ``STEP_MILESTONES`` of ``total`` iterations."""
+
+    def __init__(self, kind: str, total: int, warmup: int):
+        self.kind, self.total, self.warmup = kind, max(1, total), warmup
+
+    def __call__(self, i: int) -> float:
+        warm = min(1.0, (i + 1) / self.warmup) if self.warmup else 1.0
+        t = min(1.0, i / self.total)
+        if self.kind == "cosine":
+            return warm * (COSINE_FINAL + (1 - COSINE_FINAL) * 0.5 * (1 + math.cos(math.pi * t)))
+        return warm * 0.1 ** sum(t >= m for m in STEP_MILESTONES)
+
+
+class ModelEMA:
+    """Exponential moving average of a model's weights: after each optimizer step
+    ``ema = d * ema + (1 - d) * weights`` with ``d = decay * (1 - exp(-updates / tau))``, so that the
+    average forgets the random initial weights quickly early on. Integer buffers are copied."""
+
+    def __init__(self, model: nn.Module, decay: float, tau: float = 2000.0):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.tau, self.updates = decay, tau, 0
+        self._pairs: tuple | None = None
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        if self._pairs is None:  # the tensors never change identity: collect them once
+            ema, live = self.module.state_dict(), model.state_dict()
+            floats = [k for k, v in ema.items() if v.is_floating_point()]
+            others = [k for k in ema if k not in floats]
+            self._pairs = ([ema[k] for k in floats], [live[k] for k in floats],
+                           [ema[k] for k in others], [live[k] for k in others])
+        self.updates += 1
+        d = self.decay * (1 - math.exp(-self.updates / self.tau))
+        ema_f, live_f, ema_o, live_o = self._pairs
+        if ema_f:
+            torch._foreach_lerp_(ema_f, live_f, 1.0 - d)
+        for target, source in zip(ema_o, live_o, strict=True):
+            target.copy_(source)
+
+
+@dataclass
+class TrainResult:
+    """What ``fit`` returns. ``stopped``: a signal ended the run early; resume from ``last``."""
+
+    save_dir: Path
+    last: Path
+    best: Path | None
+    metric: str
+    best_metric: float | None
+    epochs: int
+    stopped: bool
+    history: list[dict] = field(default_factory=list)
+
+
+def _epoch_sums() -> dict[str, Any]:
+    return {"losses": {}, "batches": 0, "images": 0, "seconds": 0.0, "skipped": 0}
+
+
+class Trainer:
+    """Trains ``model`` on ``train_data`` as ``config`` says (module docstring).
+
+    model: ``model(images, targets) -> dict[str, Tensor]`` of scalar losses in train mode and
+    ``model(images) -> predictions`` in eval mode; optional ``cvforge_spec`` (stored in checkpoints so
+    the file alone rebuilds it) and ``param_groups(lr, backbone_lr_mult)``. Under DDP it must return
+    losses connected to every trainable parameter on every batch (see ``engine/distributed.py``).
+    train_data, val_data: Datasets of ``(image, target)`` for ``config.task``; batches come from
+    ``cvforge.data.loader.build_loader``. evaluator: ``reset()``, ``update(predictions, targets)``,
+    ``compute() -> dict[str, float]``; validation is skipped without one (best.pt then tracks the
+    train loss). class_names: stored in checkpoints (default: ``train_data.classes``).
+    ``config.batch`` is the batch over all processes; each of N processes loads ``batch // N``.
+    """
+
+    def __init__(self, config: TrainConfig, model: nn.Module, train_data: Any, val_data: Any = None,
+                 evaluator: Any = None, *, class_names: Sequence[str] | None = None, callbacks: Sequence = ()):
+        self.config, self.evaluator, self.callbacks = config, evaluator, list(callbacks)
+        names = class_names if class_names is not None else getattr(train_data, "classes", None)
+        self.class_names = list(names) if names is not None else None
+        dist.init_from_env(use_cuda=config.device.strip().lower() != "cpu" and torch.cuda.is_available())
+        self.rank, self.world_size = dist.rank(), dist.world_size()
+        self.is_main = self.rank == 0
+        self.device = resolve_device(config.device, dist.local_rank())
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self._pin = config.pin_memory if config.pin_memory is not None else self.device.type == "cuda"
+        self._setup_model(model)
+        self.train_loader = self._loader(train_data, train=True)
+        self.val_loader = self._loader(val_data, train=False) if val_data is not None and self.is_main else None
+        self.sampler = self.train_loader.sampler
+        self.batches_per_epoch = len(self.train_loader)
+        self._setup_optimization()
+        self.epoch = self.batch_in_epoch = self.global_step = 0  # epochs done; batches done in this one
+        self.bad_steps = self.bad_steps_total = self.bad_epochs = 0
+        self.best: float | None = None
+        self.metric_name, self.history, self.finished = config.metric, [], False
+        self.save_dir: Path | None = None
+        self._sums, self._pending_rng, self._signals = _epoch_sums(), None, StopSignals()
+        self._window_bad = self._stop_now = False
+        self._shown = 0.0
+        seed_everything(config.seed + self.rank)  # the training stream (dropout, ...), apart from model init
+
+    # ----------------------------------------------------------------------- setup
+    def _setup_model(self, model: nn.Module) -> None:
+        self.raw_model = model.to(self.device)
+        self.model: nn.Module = self.raw_model
+        if self.world_size > 1:  # DDP broadcasts rank 0's weights, so every rank starts equal
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.raw_model, device_ids=ids)
+        # Only rank 0 validates and saves, so only it needs the average.
+        self.ema = ModelEMA(self.raw_model, self.config.ema_decay) if self.config.ema and self.is_main else None
+
+    def _setup_optimization(self) -> None:
+        config = self.config
+        self.optimizer = build_optimizer(self.raw_model, config)
+        self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        steps = math.ceil(self.batches_per_epoch / config.accumulate)
+        factor = LRFactor(config.scheduler, config.epochs * steps, round(config.warmup_epochs * steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        amp = config.amp if config.amp is not None else self.device.type == "cuda"
+        dtype = (torch.float16 if self.device.type == "cuda" else torch.bfloat16) if amp else None
+        self._autocast = (functools.partial(torch.autocast, self.device.type, dtype=dtype) if dtype
+                          else contextlib.nullcontext)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
+
+    def _loader(self, data: Any, train: bool) -> Any:
+        config = self.config
+        batch = config.batch // self.world_size if train else config.batch
+        if batch < 1:
+            raise CvforgeError(f"--batch {config.batch} is less than one image per process ({self.world_size})",
+                               None, f"use --batch {self.world_size} or more")
+        loader = build_loader(data, config.task, batch_size=batch, shuffle=train, num_workers=config.workers,
+                              pin_memory=self._pin, drop_last=config.drop_last and train,
+                              persistent_workers=config.persistent_workers, seed=config.seed,
+                              rank=self.rank if train else 0, world_size=self.world_size if train else 1)
+        if config.workers > 0:
+            loader.worker_init_fn = IgnoreStopSignals(loader.worker_init_fn)
+        if train and len(loader) == 0:
+            raise CvforgeError(f"the training set ({len(data)} images) is smaller than one batch", None,
+                               "lower --batch or turn off drop_last")
+        return loader
+
+    @property
+    def weights_dir(self) -> Path:
+        return Path(self.save_dir) / "weights"
+
+    # ----------------------------------------------------------------------- resume
+    def resume(self, path: str | os.PathLike) -> Trainer:
+        """Restore everything from ``last.pt`` so that ``fit`` continues the run exactly where it stopped,
+        in the run folder that holds the checkpoint."""
+        path = Path(path)
+        state = load_checkpoint(path)
+        train = state.get("resume")
+        if state.get("format") != FORMAT or not isinstance(train, dict):
+            raise CvforgeError("checkpoint holds no training state to resume", path,
+                               "resume from a run's weights/last.pt (best.pt holds weights only)")
+        self._check_resumable(state, train, path)
+        self._load_weights(state, train, path)
+        self._load_optimization(train, path)
+        self.epoch, self.global_step, self.batch_in_epoch = state["epoch"], state["step"], train["batch_in_epoch"]
+        counters = train["bad_steps"], train["bad_steps_total"], train["bad_epochs"]
+        self.bad_steps, self.bad_steps_total, self.bad_epochs = counters
+        self.best, self.metric_name, self.history = state["best_metric"], state["metric"], list(state["history"])
+        self._sums = copy.deepcopy(train["epoch_sums"])
+        self.sampler.load_state_dict(train["sampler"])
+        rngs = train["rng"]
+        self._pending_rng = rngs[self.rank] if len(rngs) == self.world_size else rngs[0]
+        self.save_dir = path.parent.parent if path.parent.name == "weights" else path.parent
+        self._log(f"resuming {path} at epoch {self.epoch + 1}, step {self.global_step}")
+        return self
+
+    def _check_resumable(self, state: dict, train: dict, path: Path) -> None:
+        before = state["train_config"]
+        if state.get("finished") and self.config.epochs <= before.get("epochs", 0):
+            raise CvforgeError(f"the run already finished ({state['epoch']} epochs)", path,
+                               "raise --epochs to train longer, or start a new run from these weights")
+        layout = before.get("batch"), before.get("accumulate"), train.get("world_size")
+        same_batches = layout == (self.config.batch, self.config.accumulate, self.world_size)
+        if train["batch_in_epoch"] and not same_batches:
+            raise CvforgeError("cannot resume mid-epoch with another batch, accumulate or process count", path,
+                               f"resume with --batch {before.get('batch')} and the same number of devices")
+        self.finished = False
+
+    def _load_weights(self, state: dict, train: dict, path: Path) -> None:
+        # With an EMA, "model" holds the average (what users run) and the raw weights sit in "resume".
+        raw = train["model"] if train.get("model") is not None else state["model"]
+        load_model_state(self.raw_model, raw, path)
+        if self.ema is not None:
+            load_model_state(self.ema.module, state["model"], path)
+            self.ema.updates = int(train.get("ema_updates", 0))
+
+    def _load_optimization(self, train: dict, path: Path) -> None:
+        check_finite(train["optimizer"], path, "optimizer state")
+        try:
+            self.optimizer.load_state_dict(train["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CvforgeError(f"optimizer state does not fit the model ({e})", path,
+                               "resume with the run's --optimizer and --freeze") from None
+        # Keep this config's schedule shape (e.g. more epochs); restore only the position in it.
+        self.scheduler.load_state_dict({**train["scheduler"], "lr_lambdas": [None] * len(self.scheduler.lr_lambdas)})
+        if train.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(train["scaler"])
+
+    # ----------------------------------------------------------------------- the loop
+    def fit(self) -> TrainResult:
+        """Train until ``config.epochs`` (or early stopping, or a stop signal); see ``TrainResult``."""
+        self._open_run()
+        with self._signals:
+            if self._pending_rng is not None:  # now, so nothing between resume() and here draws from it
+                restore_rng(self._pending_rng)
+                self._pending_rng = None
+            self._call("on_train_start")
+            while not self.finished:
+                if not self._train_epoch():
+                    return self._stopped(save=True)
+                if self._end_epoch(self._validate()):
+                    return self._stopped(save=False)
+        result = self._result(stopped=False)
+        self._call("on_train_end", result)
+        return result
+
+    def _open_run(self) -> None:
+        if self.save_dir is None:
+            fresh = next_run_dir(self.config.project_dir, self.config.name) if self.is_main else None
+            self.save_dir = dist.broadcast_object(fresh)
+        if self.is_main:
+            self.weights_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.weights_dir)
+            self.config.save_yaml(self.save_dir / "config.yaml")
+            self._log(f"training {self.config.task} for {self.config.epochs} epochs on {self.device} "
+                      f"({self.world_size} process(es)), results in {self.save_dir}")
+
+    def _train_epoch(self) -> bool:
+        """The rest of the current epoch; False when a stop was requested at a step boundary."""
+        self.sampler.set_epoch(self.epoch)
+        self.model.train()
+        started = time.perf_counter() - self._sums["seconds"]
+        bar = tqdm(total=self.batches_per_epoch, initial=self.batch_in_epoch, leave=False, dynamic_ncols=True,
+                   desc=f"epoch {self.epoch + 1}/{self.config.epochs}", disable=not self.is_main)
+        try:
+            for images, targets in self.train_loader:
+                self._forward_backward(images, targets)
+                self.batch_in_epoch += 1
+                if self.batch_in_epoch % self.config.accumulate and self.batch_in_epoch < self.batches_per_epoch:
+                    continue
+                self._optimizer_step()
+                self._sums["seconds"] = time.perf_counter() - started
+                self._show(bar)
+                self._call("on_step_end")
+                if self._stop_now or (self.world_size == 1 and self._signals.requested):
+                    return False
+        finally:
+            bar.close()
+        return True
+
+    def _forward_backward(self, images: Any, targets: Any) -> None:
+        """Forward, backward (scaled by 1/accumulate) and the loss bookkeeping of one batch."""
+        images = to_device(images, self.device, self._pin)
+        targets = to_device(targets, self.device, self._pin)
+        done = self.batch_in_epoch + 1
+        boundary = done % self.config.accumulate == 0 or done == self.batches_per_epoch
+        # Between optimizer steps DDP need not all-reduce gradients: they only add up locally.
+        sync = self.model.no_sync() if self.world_size > 1 and not boundary else contextlib.nullcontext()
+        with sync:
+            with self._autocast():
+                losses = self.model(images, targets)
+            loss = sum(losses.values())
+            if self.batch_in_epoch % self.config.accumulate == 0:
+                # Free the last step's gradients only now, so that the memory they held is reused
+                # by this backward instead of being returned to the OS and faulted back in.
+                self.optimizer.zero_grad(set_to_none=True)
+            if self.config.accumulate > 1:  # the step then sums the gradients of `accumulate` batches
+                loss = loss / self.config.accumulate
+            self.scaler.scale(loss).backward()
+        values = torch.stack([value.detach().float() for value in losses.values()]).tolist()  # one sync
+        sums = self._sums
+        if all(math.isfinite(v) for v in values):
+            for key, value in zip(losses, values, strict=True):
+                sums["losses"][key] = sums["losses"].get(key, 0.0) + value
+            sums["batches"] += 1
+        else:
+            self._window_bad = True
+        sums["images"] += len(images)
+
+    def _optimizer_step(self) -> None:
+        """Clip, step, EMA and schedule, or skip the step when a loss in its window was not finite."""
+        bad, stop = dist.sync_flags([self._window_bad, self._signals.requested], self.device)
+        self._window_bad, self._stop_now = False, stop
+        if stop:
+            self._signals.request("a stop signal on another process")
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            self.bad_steps_total += 1
+            self._sums["skipped"] += 1
+            if self.bad_steps >= self.config.max_bad_steps:
+                self._diverged()
+        else:
+            self.bad_steps = 0
+            if self.config.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self._params, self.config.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.ema is not None:
+                self.ema.update(self.raw_model)
+        self.scheduler.step()
+        self.global_step += 1
+
+    def _diverged(self) -> None:
+        last = self.weights_dir / "last.pt"
+        where = last if last.exists() else self.save_dir
+        raise CvforgeError(f"training diverged: {self.bad_steps} non-finite losses in a row "
+                           f"(epoch {self.epoch + 1}, step {self.global_step + 1}); last good checkpoint kept",
+                           where, "resume from it with a lower --lr (or without --amp), and check the data")
+
+    def _show(self, bar: tqdm) -> None:
+        bar.update(self.batch_in_epoch - bar.n)
+        now = time.perf_counter()
+        if self.is_main and now - self._shown >= 0.5:  # formatting every step would cost throughput
+            self._shown = now
+            sums = self._sums
+            loss = sum(sums["losses"].values()) / max(1, sums["batches"])
+            speed = sums["images"] * self.world_size / max(sums["seconds"], 1e-9)
+            bar.set_postfix_str(f"loss {loss:.4g}  lr {self._lr():.3g}  {speed:.0f} img/s", refresh=False)
+
+    def _lr(self) -> float:
+        return max(group["lr"] for group in self.optimizer.param_groups)
+
+    @torch.inference_mode()
+    def _validate(self) -> dict[str, float]:
+        """Metrics of the EMA (or raw) weights on the validation set, on rank 0; ``{}`` elsewhere."""
+        if self.val_loader is None or self.evaluator is None:
+            return {}
+        model = self.ema.module if self.ema is not None else self.raw_model
+        model.eval()
+        self.evaluator.reset()
+        for images, targets in tqdm(self.val_loader, desc="validating", leave=False, dynamic_ncols=True):
+            with self._autocast():
+                predictions = model(to_device(images, self.device, self._pin))
+            self.evaluator.update(to_device(predictions, "cpu"), targets)
+        return {key: float(value) for key, value in self.evaluator.compute().items()}
+
+    # ----------------------------------------------------------------------- end of epoch, saving
+    def _end_epoch(self, metrics: dict[str, float]) -> bool:
+        """Record the epoch, save best.pt / last.pt / metrics.csv; True when a signal asks to stop."""
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        row = self._history_row(metrics)
+        self.history.append(row)
+        improved = self._track_best(row, metrics)
+        if improved and self.is_main:
+            save_checkpoint(self.weights_dir / "best.pt", self._checkpoint())
+        patience_over = bool(self.config.patience) and self.bad_epochs >= self.config.patience
+        early, stop = dist.sync_flags([patience_over, self._signals.requested], self.device)
+        self.finished = self.epoch >= self.config.epochs or early
+        self._save_last()
+        if self.is_main:
+            period = self.config.save_period
+            if period and self.epoch % period == 0:
+                save_checkpoint(self.weights_dir / f"epoch{self.epoch}.pt", self._checkpoint())
+            _replace_text(self.save_dir / "metrics.csv", _csv(self.history))
+            self._log(self._summary(row, improved))
+            if early and self.epoch < self.config.epochs:
+                self._log(f"stopping early: no improvement of {self.metric_name} for {self.bad_epochs} epochs")
+        self._call("on_epoch_end", metrics)
+        return stop and not self.finished
+
+    def _history_row(self, metrics: dict[str, float]) -> dict[str, Any]:
+        """One metrics.csv row; resets the epoch's running sums."""
+        sums, self._sums = self._sums, _epoch_sums()
+        losses = {f"train/{k}": v / max(1, sums["batches"]) for k, v in sums["losses"].items()}
+        row: dict[str, Any] = {"epoch": self.epoch, **losses, "train/loss": sum(losses.values())}
+        row.update({f"metrics/{k}": v for k, v in metrics.items()})
+        row.update({"lr": self._lr(), "images_per_s": sums["images"] * self.world_size / max(sums["seconds"], 1e-9),
+                    "time": sums["seconds"], "skipped_steps": sums["skipped"]})
+        return row
+
+    def _track_best(self, row: dict[str, Any], metrics: dict[str, float]) -> bool:
+        """Update the best value of the chosen metric (rank 0); True when this epoch is the new best."""
+        if not self.is_main:
+            return False
+        if not self.metric_name:
+            found = [m for m in PRIMARY_METRICS[self.config.task] if m in metrics]
+            self.metric_name = found[0] if found else next(iter(metrics), "loss")
+        if self.metric_name != "loss" and self.metric_name not in metrics:
+            raise CvforgeError(f"metric {self.metric_name!r} is not reported by the evaluator", None,
+                               f"use --metric with one of: {', '.join([*metrics, 'loss'])}")
+        lower = self.metric_name == "loss"  # train loss: lower is better; every metric: higher is better
+        value = row["train/loss"] if lower else metrics[self.metric_name]
+        if math.isnan(value):  # nothing was measured (e.g. an empty validation set): no improvement
+            self.bad_epochs += 1
+            return False
+        if self.best is None or (value < self.best if lower else value > self.best):
+            self.best, self.bad_epochs = value, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    def _summary(self, row: dict[str, Any], improved: bool) -> str:
+        metric = row.get(f"metrics/{self.metric_name}", row["train/loss"])
+        return (f"epoch {self.epoch}/{self.config.epochs}  loss {row['train/loss']:.4g}  {self.metric_name} "
+                f"{metric:.4g}{' (best)' if improved else ''}  lr {row['lr']:.3g}  "
+                f"{row['images_per_s']:.0f} img/s  {row['time']:.1f}s")
+
+    def _save_last(self) -> None:
+        dist.broadcast_buffers(self.raw_model)
+        rng = dist.gather_objects(capture_rng())  # every rank's generators, so each resumes its own stream
+        if self.is_main:
+            save_checkpoint(self.weights_dir / "last.pt", self._checkpoint(rng))
+
+    def _checkpoint(self, rng: list | None = None) -> dict[str, Any]:
+        """The checkpoint dict (``checkpoint.py`` docstring); with ``rng``, also the state to resume."""
+        from cvforge import __version__  # the package imports the engine: import its version lazily
+        run_weights = self.ema.module if self.ema is not None else self.raw_model
+        state = {"format": FORMAT, "cvforge_version": __version__, "model": run_weights.state_dict(),
+                 "model_spec": getattr(self.raw_model, "cvforge_spec", None), "class_names": self.class_names,
+                 "train_config": self.config.to_dict(), "epoch": self.epoch, "step": self.global_step,
+                 "finished": self.finished, "metric": self.metric_name, "best_metric": self.best,
+                 "history": self.history}
+        if rng is not None:
+            state["resume"] = {
+                "model": self.raw_model.state_dict() if self.ema is not None else None,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "ema_updates": self.ema.updates if self.ema else 0,
+                "rng": rng, "sampler": self.sampler.state_dict(), "batch_in_epoch": self.batch_in_epoch,
+                "bad_steps": self.bad_steps, "bad_steps_total": self.bad_steps_total,
+                "bad_epochs": self.bad_epochs, "epoch_sums": self._sums, "world_size": self.world_size}
+        return state
+
+    def _stopped(self, save: bool) -> TrainResult:
+        if save:
+            self._save_last()
+        epoch = self.epoch + 1 if self.batch_in_epoch else self.epoch
+        self._log(f"stopped at epoch {epoch} step {self.global_step}; "
+                  f"resume with: cvforge train --resume {self.weights_dir / 'last.pt'}")
+        result = self._result(stopped=True)
+        self._call("on_train_end", result)
+        return result
+
+    def _result(self, stopped: bool) -> TrainResult:
+        best = self.weights_dir / "best.pt"
+        return TrainResult(save_dir=Path(self.save_dir), last=self.weights_dir / "last.pt",
+                           best=best if best.exists() else None, metric=self.metric_name,
+                           best_metric=self.best, epochs=self.epoch, stopped=stopped, history=self.history)
+
+    def _call(self, name: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            method = getattr(callback, name, None)
+            if method is not None:
+                method(self, *args)
+
+    def _log(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(message, file=sys.stdout)
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so readers never see half a file."""
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(text, encoding="utf-8")
+    os.replace(temp, path)
