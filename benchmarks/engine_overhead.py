@@ -25,7 +25,8 @@ from torch import nn
 
 from cvforge.config import TrainConfig
 from cvforge.data.loader import build_loader
-from cvforge.engine.trainer import Trainer, resolve_device, seed_everything
+from cvforge.engine.optim import resolve_device, seed_everything
+from cvforge.engine.trainer import Trainer
 
 
 class SmallCNN(nn.Module):

@@ -24,7 +24,8 @@ from torch import nn
 from cvforge.config import TrainConfig
 from cvforge.engine import checkpoint as checkpoint_module
 from cvforge.engine import trainer as trainer_module
-from cvforge.engine.trainer import Trainer, seed_everything
+from cvforge.engine.optim import seed_everything
+from cvforge.engine.trainer import Trainer
 
 CLASSES = 3
 SIZE = 12

@@ -14,7 +14,7 @@ from torch import nn
 import _toy
 from cvforge.config import TrainConfig
 from cvforge.engine.checkpoint import find_last_run, load_checkpoint
-from cvforge.engine.trainer import LRFactor, ModelEMA, build_optimizer, to_device
+from cvforge.engine.optim import LRFactor, ModelEMA, build_optimizer, to_device
 from cvforge.errors import CvforgeError
 
 

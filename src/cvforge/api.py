@@ -23,7 +23,8 @@ from cvforge.config import TrainConfig
 from cvforge.data import build_dataset
 from cvforge.data.transforms import build_transforms
 from cvforge.engine.checkpoint import load_checkpoint, load_model_state, next_run_dir, resume_target
-from cvforge.engine.trainer import TrainResult, Trainer, resolve_device, to_device
+from cvforge.engine.optim import resolve_device, to_device
+from cvforge.engine.trainer import TrainResult, Trainer
 from cvforge.errors import CvforgeError
 from cvforge.eval import build_evaluator
 from cvforge.zoo import build_model
@@ -65,8 +66,12 @@ def _train_worker(values: dict) -> TrainResult:
         print(f"pretrained: {load_pretrained(model, config.pretrained)}")
     if config.freeze:
         model.freeze("all" if config.freeze < 0 else config.freeze)
+    callbacks: list = [RunPlots()]
+    if callable(getattr(model, "wrap_train_data", None)):  # a model's own data recipe, e.g. YOLO's mosaic
+        train_set, extra = model.wrap_train_data(train_set, config)
+        callbacks += extra
     trainer = Trainer(config, model, train_set, val_set, build_evaluator(config.task, train_set.classes),
-                      class_names=train_set.classes, callbacks=[RunPlots()])
+                      class_names=train_set.classes, callbacks=callbacks)
     if config.resume:
         trainer.resume(config.resume)
     return trainer.fit()

@@ -97,7 +97,7 @@ def predict(weights: str | os.PathLike, sources: Iterable[str | os.PathLike], *,
     (default: a new ``runs/<task>/predict`` folder)."""
     from cvforge.api import load
     from cvforge.engine.checkpoint import next_run_dir
-    from cvforge.engine.trainer import to_device
+    from cvforge.engine.optim import to_device
     model = load(weights, device)
     files = image_files(sources)
     records = []
