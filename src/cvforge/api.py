@@ -63,7 +63,7 @@ def _train_worker(values: dict) -> TrainResult:
     model = build_model(config.model, task=config.task, num_classes=len(train_set.classes))
     if config.pretrained and not config.resume:
         from cvforge.models.weights import load_pretrained
-        print(f"pretrained: {load_pretrained(model, config.pretrained)}")
+        load_pretrained(model, config.pretrained)  # prints what it loaded and what it re-initialised
     if config.freeze:
         model.freeze("all" if config.freeze < 0 else config.freeze)
     callbacks: list = [RunPlots()]
