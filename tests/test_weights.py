@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image, ImageDraw
 from torchvision.transforms.v2 import functional as TF
 
 from cvforge.data import build_dataset
+from cvforge.data.fewshot import FEWSHOT_CLASSES, draw_fewshot_image
 from cvforge.errors import CvforgeError
 from cvforge.models.backbones import get_backbone
 from cvforge.models.classifier import IMAGENET_MEAN, IMAGENET_STD, build_classifier
@@ -165,37 +165,14 @@ def test_pickle_with_code_is_refused_without_side_effect(tmp_path):
 # ------------------------------------------------------------------ transfer learning, honestly
 # Pretrain on the built-in shapes crops (circle, cross, square, star, triangle on textured backgrounds),
 # save a cvforge checkpoint, then learn 4 NEW classes (hexagon, ellipse, arrow, ring on noise) from
-# 20 images per class: starting from the checkpoint must beat starting from scratch, same budget.
+# 20 images per class (cvforge.data.fewshot): starting from the checkpoint must beat starting from
+# scratch, same budget.
 
 SIDE = 32
-NEW_CLASSES = ("hexagon", "ellipse", "arrow", "ring")
-
-
-def _draw_new_class(rng: np.random.Generator, label: int, size: int = 64) -> torch.Tensor:
-    """uint8 [3, size, size]: one shape of NEW_CLASSES[label], random colour, place, size and angle."""
-    base = rng.integers(0, 256, 3)
-    image = Image.fromarray(np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    colour = tuple(int(c) for c in (255 - base + rng.integers(-40, 40, 3)) % 256)
-    cx, cy = rng.uniform(0.4, 0.6, 2) * size
-    r, a = rng.uniform(0.28, 0.42) * size, rng.uniform(0, 2 * math.pi)
-    if label == 3:
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=colour, width=max(2, int(r / 4)))
-    else:
-        outline = {
-            0: [(math.cos(k * math.pi / 3), math.sin(k * math.pi / 3)) for k in range(6)],
-            1: [(math.cos(t), 0.5 * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 40)],
-            2: [(-1, -0.25), (0, -0.25), (0, -0.7), (1, 0), (0, 0.7), (0, 0.25), (-1, 0.25)],
-        }[label]
-        draw.polygon([(cx + r * (x * math.cos(a) - y * math.sin(a)), cy + r * (x * math.sin(a) + y * math.cos(a)))
-                      for x, y in outline], fill=colour)
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
-
-
 def _new_classes_set(per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     rng = np.random.default_rng(seed)
-    images = torch.stack([_draw_new_class(rng, c) for c in range(len(NEW_CLASSES)) for _ in range(per_class)])
-    labels = torch.arange(len(NEW_CLASSES)).repeat_interleave(per_class)
+    images = torch.stack([draw_fewshot_image(rng, c) for c in range(len(FEWSHOT_CLASSES)) for _ in range(per_class)])
+    labels = torch.arange(len(FEWSHOT_CLASSES)).repeat_interleave(per_class)
     return TF.resize(images, [SIDE, SIDE], antialias=True), labels
 
 

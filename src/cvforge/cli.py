@@ -70,6 +70,12 @@ def _eval_predict_parsers(sub) -> None:
     predict.add_argument("--out", type=Path, help="output folder (default: a new runs/<task>/predict)")
     predict.add_argument("--top", type=int, default=5, help="classes per image (classification)")
     predict.add_argument("--device", default="auto")
+    export = sub.add_parser("export", help="export trained weights (ONNX) and check them against PyTorch")
+    export.add_argument("--weights", required=True, help="a checkpoint written by cvforge train")
+    export.add_argument("--format", default="onnx", choices=("onnx",))
+    export.add_argument("--imgsz", type=int, help="side of the example input (default: the training imgsz)")
+    export.add_argument("--out", type=Path, help="output file (default: the weights' path with .onnx)")
+    export.add_argument("--opset", type=int, default=17)
     models = sub.add_parser("models", help="list the models cvforge can build")
     models.add_argument("--task", choices=("classify", "segment", "detect", "instance"))
 
@@ -126,9 +132,8 @@ def run_eval(args: argparse.Namespace) -> int:
     out = args.out
     metrics = evaluate(args.weights, data=args.data, split=args.split, batch=args.batch, workers=args.workers,
                        out=out, device=args.device)
-    width = max(len(k) for k in metrics)
-    for key, value in metrics.items():
-        print(f"{key:<{width}}  {value:.4f}")
+    from cvforge.predict import format_eval
+    print(format_eval(metrics))  # overall metrics, then the per-class table (e.g. IoU per class)
     return 0
 
 
@@ -139,6 +144,13 @@ def run_predict(args: argparse.Namespace) -> int:
         guesses = ", ".join(f"{g['name']} {g['score']:.3f}" for g in record.get("top", []))
         print(f"{record['image']}: {guesses}")
     print(f"wrote {', '.join(map(str, files))}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from cvforge.export import export_onnx
+    path = export_onnx(args.weights, out=args.out, imgsz=args.imgsz, opset=args.opset)
+    print(f"wrote {path}; run it with: cvforge predict --weights {path} IMAGES")
     return 0
 
 
@@ -156,7 +168,7 @@ def run_demo(args: argparse.Namespace) -> int:
     return demo()
 
 
-COMMANDS = {"train": run_train, "eval": run_eval, "predict": run_predict, "models": run_models,
+COMMANDS = {"train": run_train, "eval": run_eval, "predict": run_predict, "export": run_export, "models": run_models,
             "data": run_data, "demo": run_demo}
 
 

@@ -1,7 +1,9 @@
 """``cvforge predict``: run a trained model on images and folders, print and save what it sees.
 
 Per task, ``describe`` turns a model's raw output into plain per-image records, and ``save_records``
-writes them (classification: ``predictions.csv`` and ``predictions.json`` with the top-k classes).
+writes them (classification: ``predictions.csv`` and ``predictions.json`` with the top-k classes;
+segmentation: ``masks/<stem>.png`` raw class ids, ``overlays/<stem>.png`` VOC-coloured, ``predictions.json``).
+Weights ending in ``.onnx`` (``cvforge export``) run through onnxruntime.
 """
 from __future__ import annotations
 
@@ -51,7 +53,50 @@ def describe(task: str, output: Any, classes: list[str], top: int = 5) -> list[d
     """A model's batched output -> one plain record per image."""
     if task == "classify":
         return _describe_classes(output["scores"], classes, top)
+    if task == "segment":
+        return _describe_masks(output["masks"], classes, top)
+    if task in ("detect", "instance"):
+        return [_describe_boxes(o, classes) for o in output]
     raise CvforgeError(f"prediction for task {task!r} is not available yet", None, "use a classification model")
+
+
+def _describe_boxes(output: dict[str, torch.Tensor], classes: list[str]) -> dict[str, Any]:
+    """One image's {"boxes" xyxy, "scores", "labels"} -> {"detections": [{"box", "label", "name", "score"}]}."""
+    rows = zip(output["boxes"].float().cpu().tolist(), output["scores"].float().cpu().tolist(),
+               output["labels"].cpu().tolist())
+    return {"detections": [{"box": [round(v, 2) for v in box], "label": label, "name": classes[label],
+                            "score": round(score, 5)} for box, score, label in rows]}
+
+
+def save_detections(records: list[dict[str, Any]], out: Path, conf: float = 0.25) -> list[Path]:
+    """Detections -> ``images/`` (boxes drawn, score >= conf), ``labels/*.txt`` (YOLO: class cx cy w h
+    normalised, score >= conf) and ``coco_results.json`` (every detection; image_id = index of the image)."""
+    from torchvision.utils import draw_bounding_boxes, save_image
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    results = []
+    for image_id, record in enumerate(records):
+        image = read_image(record["image"]).as_subclass(torch.Tensor)
+        h, w = image.shape[-2:]
+        shown = [d for d in record["detections"] if d["score"] >= conf]
+        lines = []
+        for d in record["detections"]:
+            x1, y1, x2, y2 = d["box"]
+            results.append({"image_id": image_id, "file_name": record["image"], "category_id": d["label"],
+                            "bbox": [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)], "score": d["score"]})
+        for d in shown:
+            x1, y1, x2, y2 = d["box"]
+            lines.append(f"{d['label']} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} "
+                         f"{(y2 - y1) / h:.6f} {d['score']:.5f}")
+        stem = Path(record["image"]).stem
+        (out / "labels" / f"{stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
+        if shown:
+            image = draw_bounding_boxes(image, torch.tensor([d["box"] for d in shown]), width=1,
+                                        labels=[f"{d['name']} {d['score']:.2f}" for d in shown])
+        save_image(image.float() / 255, out / "images" / f"{stem}.png")
+    json_path = out / "coco_results.json"
+    json_path.write_text(json.dumps(results), encoding="utf-8")
+    return [out / "images", out / "labels", json_path]
 
 
 def _describe_classes(scores: torch.Tensor, classes: list[str], top: int) -> list[dict[str, Any]]:
@@ -65,12 +110,75 @@ def _describe_classes(scores: torch.Tensor, classes: list[str], top: int) -> lis
     return records
 
 
+def _describe_masks(masks: torch.Tensor, classes: list[str], top: int) -> list[dict[str, Any]]:
+    """masks: int64 [B, H, W] class ids -> [{"mask": uint8 ndarray [H, W], "top": the ``top`` classes
+    covering most pixels, [{"label", "name", "score": share of the image's pixels}, ...]}]."""
+    records = []
+    for mask in masks.cpu():
+        counts = torch.bincount(mask.flatten(), minlength=len(classes)).double() / max(1, mask.numel())
+        shares, labels = counts.topk(min(top, len(classes)))
+        ranked = [{"label": i, "name": classes[i], "score": round(s, 6)}
+                  for s, i in zip(shares.tolist(), labels.tolist()) if s > 0]
+        records.append({"mask": mask.to(torch.uint8).numpy(), "top": ranked})
+    return records
+
+
+def save_segment_masks(records: list[dict[str, Any]], out: Path, alpha: float = 0.5) -> None:
+    """Per record: ``masks/<stem>.png`` (raw class ids, one byte per pixel) and ``overlays/<stem>.png``
+    (the image blended with the VOC colours of its classes); the record's "mask" array is replaced by
+    the two file paths ("mask_file", "overlay_file")."""
+    import numpy as np
+    from cvforge.data.formats.voc import voc_palette
+    palette = np.array(voc_palette(), dtype=np.float32).reshape(256, 3)
+    used: set[str] = set()
+    for record in records:
+        stem, n = Path(record["image"]).stem, 1
+        while stem in used:  # images of different folders may share a name
+            stem, n = f"{Path(record['image']).stem}_{n}", n + 1
+        used.add(stem)
+        mask = record.pop("mask")
+        paths = out / "masks" / f"{stem}.png", out / "overlays" / f"{stem}.png"
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask).save(paths[0])  # uint8 [H, W]: an 8-bit grey PNG of class ids
+        image = read_image(record["image"]).permute(1, 2, 0).numpy().astype(np.float32)
+        colours = palette[mask]
+        blend = np.where((mask > 0)[..., None], (1 - alpha) * image + alpha * colours, image)
+        Image.fromarray(blend.round().clip(0, 255).astype(np.uint8)).save(paths[1])
+        record["mask_file"], record["overlay_file"] = str(paths[0]), str(paths[1])
+
+
+def format_eval(metrics: dict[str, float]) -> str:
+    """Metrics as text: ``name  value`` lines for the overall ones, then one table of the per-class
+    ones (keys ``<metric>/<class>``: rows are classes, columns metrics; e.g. IoU and acc per class)."""
+    overall = {k: v for k, v in metrics.items() if "/" not in k}
+    columns: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if "/" in key:
+            column, _, name = key.partition("/")
+            columns.setdefault(column, {})[name] = value
+    width = max(map(len, overall), default=0)
+    lines = [f"{key:<{width}}  {value:.4f}" for key, value in overall.items()]
+    if columns:
+        names = list(dict.fromkeys(name for column in columns.values() for name in column))
+        first = max(len("class"), *map(len, names))
+        lines.append(f"{'class':<{first}}" + "".join(f"  {c:>9}" for c in columns))
+        for name in names:
+            cells = "".join(f"  {columns[c].get(name, float('nan')):>9.4f}" for c in columns)
+            lines.append(f"{name:<{first}}{cells}")
+    return "\n".join(lines)
+
+
 def save_records(task: str, records: list[dict[str, Any]], out: Path) -> list[Path]:
     """Write prediction records; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
+    if task == "segment":
+        save_segment_masks(records, out)
     json_path = out / "predictions.json"
     json_path.write_text(json.dumps(records, indent=1), encoding="utf-8")
-    written = [json_path]
+    written = [json_path] + ([out / "masks", out / "overlays"] if task == "segment" else [])
+    if task in ("detect", "instance"):
+        written += save_detections(records, out)
     if task == "classify":
         csv_path = out / "predictions.csv"
         with open(csv_path, "w", newline="", encoding="utf-8") as handle:
@@ -86,8 +194,13 @@ def save_records(task: str, records: list[dict[str, Any]], out: Path) -> list[Pa
 def write_eval_plots(task: str, evaluator: Any, classes: list[str], out: Path) -> list[Path]:
     """The task's evaluation pictures (classification: the confusion matrix)."""
     from cvforge import viz
-    if task == "classify":
+    if task in ("classify", "segment"):  # segment: a confusion matrix of pixels, rows = true class
         return [viz.plot_confusion_matrix(evaluator.confusion, classes, Path(out) / "confusion_matrix.png")]
+    if task in ("detect", "instance"):  # last row / column: background (missed object / false detection)
+        from cvforge.eval.detection import plot_pr_curves
+        return [viz.plot_confusion_matrix(evaluator.confusion, [*classes, "background"],
+                                          Path(out) / "confusion_matrix.png", normalize=False),
+                plot_pr_curves(evaluator.curves, classes, Path(out) / "pr_curves.png")]
     return []
 
 
@@ -98,13 +211,21 @@ def predict(weights: str | os.PathLike, sources: Iterable[str | os.PathLike], *,
     from cvforge.api import load
     from cvforge.engine.checkpoint import next_run_dir
     from cvforge.engine.optim import to_device
-    model = load(weights, device)
+    if str(weights).lower().endswith(".onnx"):  # runs through onnxruntime (cvforge export --format onnx)
+        from cvforge.export import load_onnx
+        model = load_onnx(weights)
+    else:
+        model = load(weights, device)
+    if model.task == "segment":
+        batch = 1  # full-size images of different sizes: masks stay in each image's own pixels
     files = image_files(sources)
     records = []
     with torch.inference_mode():
         for start in range(0, len(files), batch):
             chunk = files[start:start + batch]
-            images = torch.stack([model.transforms(read_image(f), {})[0] for f in chunk])
+            images = [model.transforms(read_image(f), {})[0] for f in chunk]
+            if model.task not in ("detect", "instance"):  # detectors take images of any sizes as a list
+                images = torch.stack(images)
             output = model.module(to_device(images, model.device))
             for path, record in zip(chunk, describe(model.task, output, model.classes, top)):
                 records.append({"image": str(path), **record})

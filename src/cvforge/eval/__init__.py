@@ -13,4 +13,10 @@ def build_evaluator(task: str, classes: list[str]) -> Any:
     """The evaluator of a task; ``classes`` are the data set's class names (0-based ids)."""
     if task == "classify":
         return ClassificationEvaluator(len(classes), classes)
+    if task == "segment":
+        from cvforge.eval.segmentation import SegmentationEvaluator
+        return SegmentationEvaluator(len(classes), classes)
+    if task in ("detect", "instance"):  # instance: box AP for now (mask AP comes with Mask R-CNN)
+        from cvforge.eval.detection import DetectionEvaluator
+        return DetectionEvaluator(classes)
     raise CvforgeError(f"task {task!r} has no evaluator yet", None, "use --task classify")

@@ -1,0 +1,88 @@
+"""Box maths shared by every detector: conversions and overlaps, as pure tensor functions.
+
+One convention outside box coders (DESIGN §3): ``xyxy`` = (x1, y1, x2, y2) in absolute pixels of the
+original, upright image. These are thin wrappers over ``torchvision.ops`` where it has the op
+(``box_iou``, ``complete_box_iou``, ``box_convert``), plus the few pieces it lacks: element-wise
+(paired) IoU and CIoU for losses, and mapping boxes from a letterboxed canvas back to the image.
+"""
+from __future__ import annotations
+
+import torch
+from torchvision import ops
+
+EPS = 1e-7
+
+
+def xyxy_to_xywh(boxes: torch.Tensor) -> torch.Tensor:
+    """[..., 4] (x1, y1, x2, y2) -> (x, y, w, h) with (x, y) the top-left corner (COCO's bbox)."""
+    return torch.cat([boxes[..., :2], boxes[..., 2:] - boxes[..., :2]], dim=-1)
+
+
+def xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
+    """[..., 4] (x1, y1, x2, y2) -> (cx, cy, w, h)."""
+    return torch.cat([(boxes[..., :2] + boxes[..., 2:]) / 2, boxes[..., 2:] - boxes[..., :2]], dim=-1)
+
+
+def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """[..., 4] (cx, cy, w, h) -> (x1, y1, x2, y2)."""
+    half = boxes[..., 2:] / 2
+    return torch.cat([boxes[..., :2] - half, boxes[..., :2] + half], dim=-1)
+
+
+def box_area(boxes: torch.Tensor) -> torch.Tensor:
+    """[..., 4] xyxy -> [...] areas (0 for degenerate boxes)."""
+    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU: a [N, 4], b [M, 4] xyxy -> [N, M] (``torchvision.ops.box_iou``)."""
+    return ops.box_iou(a, b)
+
+
+def paired_iou(a: torch.Tensor, b: torch.Tensor, ciou: bool = False) -> torch.Tensor:
+    """Element-wise IoU (or complete IoU) of boxes that correspond one to one: a, b [..., 4] xyxy -> [...].
+
+    CIoU (Zheng et al., 2020) = IoU - centre distance^2 / enclosing diagonal^2 - alpha * v, where v
+    measures the aspect-ratio mismatch; unlike IoU it still has a gradient when boxes do not overlap.
+    torchvision's ``complete_box_iou`` is pairwise (N x M); losses need the diagonal only.
+    """
+    lt = torch.maximum(a[..., :2], b[..., :2])
+    rb = torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    wa, ha = a[..., 2] - a[..., 0], a[..., 3] - a[..., 1]
+    wb, hb = b[..., 2] - b[..., 0], b[..., 3] - b[..., 1]
+    union = wa * ha + wb * hb - inter + EPS
+    iou = inter / union
+    if not ciou:
+        return iou
+    enclose = torch.maximum(a[..., 2:], b[..., 2:]) - torch.minimum(a[..., :2], b[..., :2])
+    diagonal = enclose.pow(2).sum(-1) + EPS
+    centre = ((a[..., :2] + a[..., 2:]) - (b[..., :2] + b[..., 2:])).pow(2).sum(-1) / 4
+    v = (4 / torch.pi**2) * (torch.atan(wb / (hb + EPS)) - torch.atan(wa / (ha + EPS))).pow(2)
+    with torch.no_grad():  # alpha is a trade-off weight, not part of the gradient (as in the paper)
+        alpha = v / (v - iou + (1 + EPS))
+    return iou - centre / diagonal - alpha * v
+
+
+def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[..., 4] xyxy clipped to an image of ``height`` x ``width``."""
+    x = boxes[..., 0::2].clamp(0, width)
+    y = boxes[..., 1::2].clamp(0, height)
+    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
+
+
+def letterbox_params(height: int, width: int, size: int) -> tuple[float, int, int, int, int]:
+    """(ratio, new_h, new_w, top, left) of a letterbox onto a ``size`` x ``size`` canvas: the longer
+    side scaled to ``size``, aspect ratio kept, centred (same rounding as ``data.transforms.Letterbox``)."""
+    ratio = size / max(height, width)
+    new_h, new_w = max(1, round(height * ratio)), max(1, round(width * ratio))
+    return ratio, new_h, new_w, (size - new_h) // 2, (size - new_w) // 2
+
+
+def unletterbox(boxes: torch.Tensor, height: int, width: int, size: int) -> torch.Tensor:
+    """[N, 4] xyxy on the letterboxed ``size`` canvas -> xyxy pixels of the original ``height`` x
+    ``width`` image, clipped to it."""
+    _, new_h, new_w, top, left = letterbox_params(height, width, size)
+    shift = boxes.new_tensor([left, top, left, top])
+    scale = boxes.new_tensor([width / new_w, height / new_h, width / new_w, height / new_h])
+    return clip_boxes((boxes - shift) * scale, height, width)

@@ -1,0 +1,32 @@
+"""YOLOv1: output layout, the paper's loss terms, responsible predictor, decoding."""
+import torch
+
+from cvforge.models.detection.yolov1 import YOLOv1
+
+
+def test_loss_terms_and_gradients():
+    torch.manual_seed(0)
+    model = YOLOv1(3, grid=4, imgsz=64, width=8, hidden=32).train()
+    images = [torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[4.0, 4, 30, 30]]), "labels": torch.tensor([2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    losses = model(images, targets)
+    assert set(losses) == {"coord", "conf_obj", "conf_noobj", "cls"}
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_perfect_output_has_zero_loss_and_decodes_to_the_box():
+    model = YOLOv1(2, grid=4, imgsz=64, width=8, hidden=32)
+    box, label = torch.tensor([[8.0, 8, 24, 40]]), torch.tensor([1])
+    has, coords, xyxy, onehot = model.encode(box, label)
+    out = torch.zeros(1, 4, 4, 12)
+    i, j = has.nonzero()[0].tolist()
+    out[0, i, j, 0:4] = coords[i, j]  # predictor 0 exact, confidence 1 (= its IoU)
+    out[0, i, j, 4] = 1.0
+    out[0, i, j, 10:] = onehot[i, j]
+    losses = model.loss(out, [box], [label])
+    assert all(v.abs() < 1e-5 for v in losses.values()), losses
+    model.eval()
+    det = model.postprocess(out, [(64, 64)])[0]
+    assert det["labels"][0] == 1 and torch.allclose(det["boxes"][0], box[0], atol=1e-3)
