@@ -31,7 +31,7 @@ def trained(tmp_path_factory):
     """One short training run shared by the tests of this file."""
     tmp_path = tmp_path_factory.mktemp("classify")
     data = _imagefolder(tmp_path / "colours")
-    args = ["train", "--task", "classify", "--model", "resnet18", "--data", str(data), "--epochs", "3",
+    args = ["train", "--task", "classify", "--model", "resnet18", "--data", str(data), "--epochs", "8",
             "--imgsz", "32", "--batch", "6", "--workers", "0", "--optimizer", "adamw", "--lr", "0.003",
             "--warmup-epochs", "0", "--project", str(tmp_path / "runs"), "--name", "colours"]
     assert main(args) == 0
