@@ -28,9 +28,10 @@ from torch import nn
 from cvforge.config import TrainConfig
 from cvforge.data import build_dataset
 from cvforge.data.transforms import build_transforms
-from cvforge.engine.trainer import Trainer, seed_everything
+from cvforge.engine.optim import seed_everything
+from cvforge.engine.trainer import Trainer
 from cvforge.eval import build_evaluator
-from cvforge.models.classifier import IMAGENET_MEAN, IMAGENET_STD
+from cvforge.models.backbones import Normalize
 from cvforge.models.fcn import segmentation_loss
 from cvforge.zoo import build_model
 
@@ -45,11 +46,10 @@ class TorchvisionFCN(nn.Module):
         super().__init__()
         from torchvision.models.segmentation import fcn_resnet50
         self.net = fcn_resnet50(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.normalize = Normalize()
 
     def forward(self, images: torch.Tensor, targets: dict | None = None) -> dict[str, torch.Tensor]:
-        logits = self.net((images.float() / 255 - self.mean) / self.std)["out"]
+        logits = self.net(self.normalize(images))["out"]
         if self.training:
             return {"loss_seg": segmentation_loss(logits, targets["mask"].long())}
         scores = logits.float().softmax(dim=1)

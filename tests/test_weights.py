@@ -15,7 +15,8 @@ from cvforge.data import build_dataset
 from cvforge.data.fewshot import FEWSHOT_CLASSES, draw_fewshot_image
 from cvforge.errors import CvforgeError
 from cvforge.models.backbones import get_backbone
-from cvforge.models.classifier import IMAGENET_MEAN, IMAGENET_STD, build_classifier
+from cvforge.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+from cvforge.models.classifier import build_classifier
 from cvforge.models.weights import load_pretrained
 
 RESNET18_FILE = os.path.basename(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url)

@@ -205,3 +205,25 @@ def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float = 1.0,
             group["weight_decay"] = weight_decay
         groups.append(group)
     return groups
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalize(nn.Module):
+    """The input side of every model: uint8 [B, 3, H, W] (or float 0..1, or a list of same-size
+    [3, H, W] images) -> float32 normalised with the ImageNet statistics the backbones were trained on."""
+
+    def __init__(self, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        if isinstance(images, (list, tuple)):
+            images = torch.stack(list(images))
+        x = images.float()
+        if images.dtype == torch.uint8:
+            x = x / 255.0
+        return (x - self.mean) / self.std

@@ -20,10 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cvforge.errors import CvforgeError
-from cvforge.models.backbones import Backbone, get_backbone, param_groups
+from cvforge.models.backbones import Backbone, Normalize, get_backbone, param_groups
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ClassifierHead(nn.Sequential):
@@ -60,17 +58,7 @@ class Classifier(nn.Module):
         self.head = ClassifierHead(backbone.out_channels[-1], num_classes, dropout)
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    def normalize(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """uint8 [B, 3, H, W] or float 0..1 -> float32 normalised with ImageNet statistics."""
-        if isinstance(images, (list, tuple)):
-            images = torch.stack(list(images))
-        x = images.float()
-        if images.dtype == torch.uint8:
-            x = x / 255.0
-        return (x - self.mean) / self.std
+        self.normalize = Normalize()  # uint8 images in, ImageNet-normalised floats out
 
     def logits(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """Unnormalised class scores, float [B, num_classes]."""

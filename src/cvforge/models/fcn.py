@@ -40,8 +40,7 @@ from torch import nn
 
 from cvforge.data.dataset import IGNORE
 from cvforge.errors import CvforgeError
-from cvforge.models.backbones import Backbone, get_backbone
-from cvforge.models.classifier import IMAGENET_MEAN, IMAGENET_STD
+from cvforge.models.backbones import Backbone, Normalize, get_backbone
 
 VARIANTS = {"32s": 1, "16s": 2, "8s": 3}  # how many backbone strides feed scores (32; 32+16; 32+16+8)
 UPSAMPLES = ("deconv", "bilinear")
@@ -144,17 +143,7 @@ class FCN(nn.Module):
         self.skip_upsamples = nn.ModuleList(Upsample(num_classes, 2, upsample, learnable=True) for _ in self.taps[1:])
         final = backbone.strides[self.taps[-1]]
         self.final_upsample = Upsample(num_classes, final, upsample, learnable=False)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    def normalize(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """uint8 [B, 3, H, W] or float 0..1 -> float32 normalised with ImageNet statistics."""
-        if isinstance(images, (list, tuple)):
-            images = torch.stack(list(images))
-        x = images.float()
-        if images.dtype == torch.uint8:
-            x = x / 255.0
-        return (x - self.mean) / self.std
+        self.normalize = Normalize()  # uint8 images in, ImageNet-normalised floats out
 
     def logits(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """float [B, num_classes, H, W]: the paper's figure, coarse scores refined by each skip."""
