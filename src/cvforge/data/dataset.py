@@ -170,8 +170,8 @@ class VisionDataset(torch.utils.data.Dataset):
                                               format="XYXY", canvas_size=(height, width)),
             "labels": torch.from_numpy(sample.labels.copy()).to(torch.int64),
             "image_id": torch.tensor(sample.image_id, dtype=torch.int64),
-            "iscrowd": torch.from_numpy(_flags(sample.iscrowd, len(sample.boxes))),
-            "difficult": torch.from_numpy(_flags(sample.difficult, len(sample.boxes))),
+            "iscrowd": torch.from_numpy(per_box_flags(sample.iscrowd, len(sample.boxes))),
+            "difficult": torch.from_numpy(per_box_flags(sample.difficult, len(sample.boxes))),
         }
         if self.task == "instance":
             segments = sample.segments or [None] * len(sample.boxes)
@@ -193,12 +193,13 @@ class VisionDataset(torch.utils.data.Dataset):
         segments = sample.segments or [None] * len(sample.boxes)
         # Paint large instances first so that smaller ones in front of them stay visible.
         areas = (sample.boxes[:, 2] - sample.boxes[:, 0]) * (sample.boxes[:, 3] - sample.boxes[:, 1])
+        crowd = per_box_flags(sample.iscrowd, len(sample.boxes))
         for i in np.argsort(-areas, kind="stable"):
             pixels = rasterize(segments[i], sample.boxes[i], height, width).astype(bool)
-            crowd = bool(_flags(sample.iscrowd, len(sample.boxes))[i])
-            mask[pixels] = IGNORE if crowd else int(sample.labels[i]) + 1
+            mask[pixels] = IGNORE if crowd[i] else int(sample.labels[i]) + 1
         return mask
 
 
-def _flags(flags: np.ndarray, n: int) -> np.ndarray:
-    return flags.astype(bool) if len(flags) == n else np.zeros((n,), dtype=bool)
+def per_box_flags(flags: np.ndarray, n: int) -> np.ndarray:
+    """bool [n]: a sample's per-box flags (iscrowd, difficult), or all False where it has none."""
+    return np.asarray(flags).astype(bool) if len(flags) == n else np.zeros((n,), dtype=bool)

@@ -182,3 +182,33 @@ def place_file(source: Path, dest: Path) -> Path:
     except OSError:  # another file system, or links not supported
         shutil.copy2(source, dest)
     return dest
+
+
+def write_text_atomically(path: str | Path, text: str, *, replace: bool) -> None:
+    """Write ``text`` through a temporary file in the same folder (flushed and fsynced), so a reader
+    never sees half a file. ``replace=False`` refuses a path that exists, even one that appears while
+    writing (``FileExistsError``): writers of a user's data never overwrite."""
+    import os
+    import tempfile
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)  # unlike os.replace, fails if path exists
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links
+            if path.exists():
+                raise FileExistsError(path) from None
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

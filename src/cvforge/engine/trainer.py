@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cvforge.config import TrainConfig
+from cvforge.data.io import write_text_atomically
 from cvforge.data.loader import build_loader
 from cvforge.engine import distributed as dist
 from cvforge.engine.checkpoint import (FORMAT, IgnoreStopSignals, StopSignals, capture_rng, check_finite,
@@ -372,7 +373,7 @@ class Trainer:
             period = self.config.save_period
             if period and self.epoch % period == 0:
                 save_checkpoint(self.weights_dir / f"epoch{self.epoch}.pt", self._checkpoint())
-            _replace_text(self.save_dir / "metrics.csv", _csv(self.history))
+            write_text_atomically(self.save_dir / "metrics.csv", _csv(self.history), replace=True)
             self._log(self._summary(row, improved))
             if early and self.epoch < self.config.epochs:
                 self._log(f"stopping early: no improvement of {self.metric_name} for {self.bad_epochs} epochs")
@@ -475,10 +476,3 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
-
-
-def _replace_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, so readers never see half a file."""
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)

@@ -13,8 +13,6 @@ that is not COCO at all (missing top-level lists, categories without id or name)
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from cvforge.data.dataset import Sample, clean_boxes
-from cvforge.data.io import image_size, load_json, resolve_inside
+from cvforge.data.io import image_size, load_json, resolve_inside, write_text_atomically
 from cvforge.data.problems import Problems
 from cvforge.errors import DataError
 
@@ -270,7 +268,10 @@ def write_coco(samples: list[Sample], classes: list[str], json_path: Path, image
     data = {"info": {"description": "written by cvforge"}, "licenses": [], "images": images,
             "annotations": annotations,
             "categories": [{"id": i + 1, "name": name, "supercategory": ""} for i, name in enumerate(classes)]}
-    _write_new(json_path, json.dumps(data))
+    try:
+        write_text_atomically(json_path, json.dumps(data), replace=False)
+    except FileExistsError:
+        raise DataError("annotation file already exists", json_path, "choose a new path or delete it") from None
 
 
 def _unique_ids(samples: list[Sample]) -> list[int]:
@@ -323,26 +324,6 @@ def _compressed_rle(rle: dict) -> dict:
         return mask_utils.frPyObjects({"size": [height, width], "counts": rle["counts"]}, height, width)
     counts = rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else rle["counts"]
     return {"size": [height, width], "counts": counts}
-
-
-def _write_new(path: Path, text: str) -> None:
-    """Write a file that must not exist yet, atomically: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # fails if path appeared meanwhile, unlike os.replace
-        except FileExistsError:
-            raise DataError("annotation file already exists", path, "choose a new path or delete it") from None
-        except OSError:  # a file system without hard links
-            os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _is_int(value: Any) -> bool:

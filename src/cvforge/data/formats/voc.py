@@ -28,8 +28,8 @@ import defusedxml.ElementTree as SafeET
 import numpy as np
 from PIL import Image
 
-from cvforge.data.dataset import Sample, clean_boxes
-from cvforge.data.io import IMAGE_SUFFIXES, image_size, place_file, resolve_inside
+from cvforge.data.dataset import Sample, clean_boxes, per_box_flags
+from cvforge.data.io import IMAGE_SUFFIXES, image_size, place_file, resolve_inside, write_text_atomically
 from cvforge.data.problems import Problems
 from cvforge.errors import DataError
 
@@ -301,7 +301,7 @@ def annotation_xml(sample: Sample, classes: list[str], image: Path) -> str:
     for key, value in (("width", width), ("height", height), ("depth", 3)):
         ET.SubElement(size, key).text = str(value)
     ET.SubElement(tree, "segmented").text = "1" if sample.mask is not None else "0"
-    difficult = _flags(sample.difficult, len(sample.boxes)) | _flags(sample.iscrowd, len(sample.boxes))
+    difficult = per_box_flags(sample.difficult, len(sample.boxes)) | per_box_flags(sample.iscrowd, len(sample.boxes))
     for box, label, hard in zip(sample.boxes, sample.labels, difficult):
         obj = ET.SubElement(tree, "object")
         ET.SubElement(obj, "name").text = classes[int(label)]
@@ -320,10 +320,6 @@ def _number(value: float) -> str:
     return str(int(value)) if value.is_integer() else repr(round(value, 3))
 
 
-def _flags(flags: np.ndarray, n: int) -> np.ndarray:
-    return np.asarray(flags, dtype=bool) if len(flags) == n else np.zeros(n, dtype=bool)
-
-
 def _unique_stems(samples: list[Sample]) -> list[str]:
     stems, used = [], set()
     for sample in samples:
@@ -340,8 +336,10 @@ def _write_new_text(path: Path, text: str) -> None:
         if path.read_text(encoding="utf-8") == text:
             return
         raise DataError("a different file already exists", path, "write to an empty folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    try:
+        write_text_atomically(path, text, replace=False)
+    except FileExistsError:
+        raise DataError("a different file already exists", path, "write to an empty folder") from None
 
 
 def _place_mask(source: Path, dest: Path) -> None:

@@ -13,8 +13,6 @@ A missing label file means an image without objects (reported as info); an empty
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,8 @@ import numpy as np
 import yaml
 
 from cvforge.data.dataset import Sample, clean_boxes
-from cvforge.data.io import image_size, is_image_file, load_yaml, place_file, resolve_inside, same_file
+from cvforge.data.io import (image_size, is_image_file, load_yaml, place_file, resolve_inside, same_file,
+                             write_text_atomically)
 from cvforge.data.problems import Problems
 from cvforge.errors import DataError
 
@@ -223,12 +222,16 @@ def write_yolo(samples: list[Sample], classes: list[str], root: Path, split: str
         if not image_dst.exists():
             place_file(sample.image, image_dst)
         width, height = image_size(sample.image)
-        _write_new(label_dst, "".join(line + "\n" for line in _label_lines(sample, width, height)))
+        try:
+            write_text_atomically(label_dst, "".join(line + "\n" for line in _label_lines(sample, width, height)),
+                                  replace=False)
+        except FileExistsError:
+            raise DataError("label file already exists", label_dst, "write to a new root or split") from None
     config.update({"path": ".", "names": list(classes), split: f"images/{split}"})
     if "nc" in config:
         config["nc"] = len(classes)
     yaml_path = root / DATA_YAML
-    _write_atomic(yaml_path, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    write_text_atomically(yaml_path, yaml.safe_dump(config, sort_keys=False, allow_unicode=True), replace=True)
     return yaml_path
 
 
@@ -306,23 +309,3 @@ def _one_polygon(segment: Any) -> list[float] | None:
     return joined
 
 
-def _write_new(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(path, "x", encoding="utf-8") as f:
-            f.write(text)
-    except FileExistsError:
-        raise DataError("label file already exists", path, "write to a new root or split") from None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` in one step, so that an interrupted write never leaves half a YAML."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
