@@ -27,24 +27,24 @@ from cvforge.engine.optim import resolve_device, to_device
 from cvforge.engine.trainer import TrainResult, Trainer
 from cvforge.errors import CvforgeError
 from cvforge.eval import build_evaluator
+from cvforge.recipes import DEFAULT_MODELS, resolve_config  # noqa: F401  (DEFAULT_MODELS: public name)
 from cvforge.zoo import build_model
-
-# The model `cvforge train --task T` builds when --model is not given.
-DEFAULT_MODELS = {"classify": "resnet18", "segment": "fcn8s", "detect": "yolo-n", "instance": "mask_rcnn"}
 
 
 # --------------------------------------------------------------------------------------------- train
 def train(**options: Any) -> TrainResult:
     """Train a model; ``options`` are ``TrainConfig``'s fields (the CLI's flags). Returns the run's result.
 
-    ``resume="path/to/last.pt"`` (or ``"auto"``) continues a stopped run exactly where it stopped.
+    What is not given comes from the model's recipe (``cvforge.recipes``): ``train()`` alone trains the
+    default detector on the built-in data. ``model_args={"upsample": "bilinear"}`` are the model
+    builder's own options. ``resume="path/to/last.pt"`` (or ``"auto"``) continues a stopped run exactly.
     """
     config = TrainConfig.from_dict(options)
     if config.resume:
         path, saved = resume_target(config.resume, config.project_dir)
         config = dataclasses.replace(saved, epochs=max(saved.epochs, config.epochs if "epochs" in options else 0))
     else:
-        config = dataclasses.replace(config, model=config.model or DEFAULT_MODELS[config.task])
+        config = resolve_config(options)
     if config.devices > 1 and "RANK" not in os.environ:
         from cvforge.engine.distributed import launch
         launch(_train_worker, config.devices, config.to_dict())
@@ -60,7 +60,7 @@ def _train_worker(values: dict) -> TrainResult:
     val_set = build_dataset(config.data, "val", config.task,
                             transforms=build_transforms(config.task, False, config.imgsz))
     _report_problems(train_set, val_set)
-    model = build_model(config.model, task=config.task, num_classes=len(train_set.classes))
+    model = build_model(config.model, task=config.task, num_classes=len(train_set.classes), **_model_args(config))
     if config.pretrained and not config.resume:
         from cvforge.models.weights import load_pretrained
         load_pretrained(model, config.pretrained)  # prints what it loaded and what it re-initialised
@@ -75,6 +75,14 @@ def _train_worker(values: dict) -> TrainResult:
     if config.resume:
         trainer.resume(config.resume)
     return trainer.fit()
+
+
+def _model_args(config: TrainConfig) -> dict[str, Any]:
+    """The builder's options: the user's, plus the training size for models that size themselves (YOLO)."""
+    from cvforge.zoo import builder_options
+    if "imgsz" in builder_options(config.model, config.task):
+        return {"imgsz": config.imgsz, **config.model_args}
+    return dict(config.model_args)
 
 
 def _finished_run(config: TrainConfig) -> TrainResult:
@@ -134,8 +142,10 @@ class Model:
         return describe(self.task, output, self.classes, top)[0]
 
 
-def load(path: str | os.PathLike, device: str = "auto") -> Model:
-    """Rebuild the model stored in a cvforge checkpoint (architecture, weights, classes, settings)."""
+def load(path: str | os.PathLike, device: str = "auto", fuse: bool = True) -> Model:
+    """Rebuild the model stored in a cvforge checkpoint (architecture, weights, classes, settings), in
+    eval mode; ``fuse`` folds batch norms into their convolutions (faster, same outputs; pass False to
+    fine-tune ``model.module`` further)."""
     path = Path(path)
     state = load_checkpoint(path)
     spec, classes = state.get("model_spec"), state.get("class_names")
@@ -147,7 +157,11 @@ def load(path: str | os.PathLike, device: str = "auto") -> Model:
     load_model_state(module, state["model"], where=path)
     device = resolve_device(device)
     config = TrainConfig.from_dict(state["train_config"], path)
-    return Model(module.to(device).eval(), spec["task"], list(classes), config, path, device)
+    module.eval()
+    if fuse:
+        from cvforge.models.fuse import fuse_conv_bn
+        fuse_conv_bn(module)
+    return Model(module.to(device), spec["task"], list(classes), config, path, device)
 
 
 # --------------------------------------------------------------------------------------------- evaluate

@@ -15,7 +15,7 @@ from cvforge.errors import CvforgeError
 
 def _data_parser(sub) -> None:
     data = sub.add_parser("data", help="check, summarise or generate data sets")
-    verbs = data.add_subparsers(dest="data_command", required=True, metavar="check|stats|make-shapes")
+    verbs = data.add_subparsers(dest="data_command", required=True, metavar="check|stats|make-shapes|proposals")
     for name, text in (("check", "read every image and label; exit 1 if errors are found"),
                        ("stats", "classes, instances per class, boxes per image, image sizes")):
         p = verbs.add_parser(name, help=text)
@@ -27,6 +27,8 @@ def _data_parser(sub) -> None:
     shapes.add_argument("--val", type=int, default=128)
     shapes.add_argument("--size", type=int, default=128)
     shapes.add_argument("--seed", type=int, default=0)
+    from cvforge.models.detection.proposals import add_proposals_parser
+    add_proposals_parser(verbs)  # `cvforge data proposals DATA` (selective search, cached)
 
 
 def _train_parser(sub) -> None:
@@ -34,10 +36,14 @@ def _train_parser(sub) -> None:
     import dataclasses
     from cvforge.config import TrainConfig
     train = sub.add_parser("train", help="train a model (default: the task's default model on the built-in data)",
-                           argument_default=argparse.SUPPRESS)
+                           argument_default=argparse.SUPPRESS,
+                           epilog="Any other --name value is an option of the model's builder, e.g. "
+                                  "--upsample bilinear (FCN) or --close-mosaic 5 (YOLO).")
     defaults = TrainConfig()
     for field in dataclasses.fields(TrainConfig):
         flag, default = "--" + field.name.replace("_", "-"), getattr(defaults, field.name)
+        if field.name == "model_args":  # any flag train does not know goes to the model (model_options)
+            continue
         if field.name == "resume":
             train.add_argument(flag, nargs="?", const="auto", metavar="PATH",
                                help="continue a stopped run from its last.pt (alone: the newest unfinished run)")
@@ -45,6 +51,45 @@ def _train_parser(sub) -> None:
             train.add_argument(flag, type=_boolean, metavar="BOOL", help=f"(default: {default})")
         else:
             train.add_argument(flag, type=type(default), metavar=field.name.upper(), help=f"(default: {default!r})")
+
+
+def model_options(args: argparse.Namespace, extra: list[str]) -> dict:
+    """``--name value`` flags that train's own flags do not know -> the model builder's keyword arguments,
+    each converted to the type of the builder's default; a name the builder does not take is an error."""
+    from cvforge.recipes import resolve_model
+    from cvforge.zoo import builder_options
+    task, model = resolve_model(getattr(args, "model", ""), getattr(args, "task", ""),
+                                getattr(args, "data", "shapes"))
+    parameters = builder_options(model, task)
+    known = ", ".join(f"--{name.replace('_', '-')}" for name in parameters) or "none"
+    options, words = {}, list(extra)
+    while words:
+        flag = words.pop(0)
+        name, _, value = flag.removeprefix("--").partition("=")
+        name = name.replace("-", "_")
+        if not flag.startswith("--") or name not in parameters:
+            raise CvforgeError(f"unknown option {flag} for model {model}", None,
+                               f"train's flags are in `cvforge train -h`; the model's own are: {known}")
+        if not value:
+            if not words:
+                raise CvforgeError(f"option {flag} needs a value", None, f"write e.g. {flag} VALUE")
+            value = words.pop(0)
+        options[name] = _typed(value, parameters[name], flag)
+    return options
+
+
+def _typed(text: str, default: object, flag: str) -> object:
+    """``text`` as the type of ``default`` (YAML rules when the default is None or missing)."""
+    import yaml
+    try:
+        if isinstance(default, bool):
+            return _boolean(text)
+        if isinstance(default, (int, float, str)):
+            return type(default)(text)
+        return yaml.safe_load(text)
+    except (ValueError, argparse.ArgumentTypeError, yaml.YAMLError):
+        raise CvforgeError(f"option {flag} expects a {type(default).__name__}, got {text!r}", None,
+                           f"write e.g. {flag} {default}") from None
 
 
 def _boolean(text: str) -> bool:
@@ -64,9 +109,9 @@ def _eval_predict_parsers(sub) -> None:
     evaluate.add_argument("--workers", type=int, default=0)
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--out", type=Path, help="folder for plots (default: a new runs/<task>/eval)")
-    predict = sub.add_parser("predict", help="run trained weights on images and folders")
-    predict.add_argument("--weights", required=True)
-    predict.add_argument("source", nargs="+", help="image files or folders")
+    predict = sub.add_parser("predict", help="run trained weights on images, videos and folders")
+    predict.add_argument("--weights", required=True, help="a checkpoint (.pt) or an exported model (.onnx)")
+    predict.add_argument("source", nargs="+", help="image or video files (videos: detectors), or folders")
     predict.add_argument("--out", type=Path, help="output folder (default: a new runs/<task>/predict)")
     predict.add_argument("--top", type=int, default=5, help="classes per image (classification)")
     predict.add_argument("--device", default="auto")
@@ -93,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_data(args: argparse.Namespace) -> int:
+    if args.data_command == "proposals":
+        from cvforge.models.detection.proposals import run_proposals
+        return run_proposals(args)
     if args.data_command == "make-shapes":
         from cvforge.data.synthetic import make_shapes
         out = make_shapes(args.out, train=args.train, val=args.val, size=args.size, seed=args.seed)
@@ -138,11 +186,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from cvforge.predict import predict
+    from cvforge.predict import predict, summary_lines
     records, files = predict(args.weights, args.source, out=args.out, top=args.top, device=args.device)
-    for record in records:
-        guesses = ", ".join(f"{g['name']} {g['score']:.3f}" for g in record.get("top", []))
-        print(f"{record['image']}: {guesses}")
+    for line in summary_lines(records):
+        print(line)
     print(f"wrote {', '.join(map(str, files))}")
     return 0
 
@@ -173,8 +220,13 @@ COMMANDS = {"train": run_train, "eval": run_eval, "predict": run_predict, "expor
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if extra:  # `cvforge train --model fcn8s --upsample bilinear`: the model builder's own options
+            args.model_args = {**getattr(args, "model_args", {}), **model_options(args, extra)}
         return COMMANDS[args.command](args)
     except CvforgeError as e:
         print(f"cvforge: error: {e.line()}", file=sys.stderr)

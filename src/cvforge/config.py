@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,10 @@ class TrainConfig:
     CPU (``True`` there uses bfloat16 autocast); ``pin_memory`` is on for CUDA.
     """
 
-    task: str = "classify"
+    task: str = ""  # classify | segment | detect | instance; "" = the model's task, else the data's first
     model: str = ""  # a name in cvforge.zoo; "" = the task's default model
+    # the model builder's own options (e.g. FCN's upsample, YOLO's close_mosaic); CLI: --upsample bilinear
+    model_args: dict = field(default_factory=dict)
     data: str = "shapes"  # a data SPEC (DESIGN §4)
     epochs: int = 30
     imgsz: int = 224
@@ -51,6 +53,7 @@ class TrainConfig:
     scheduler: str = "cosine"  # cosine | step, stepped every iteration after a linear warm-up
     warmup_epochs: float = 1.0
     amp: bool | None = None
+    channels_last: bool = False  # NHWC weights: faster convolutions with AMP (CPU with AMX, CUDA tensor cores)
     grad_clip: float = 10.0  # max gradient norm; 0 = off
     accumulate: int = 1  # micro-batches per optimizer step
     ema: bool = False  # keep an exponential moving average of the weights (validated and saved)
@@ -68,7 +71,8 @@ class TrainConfig:
     max_bad_steps: int = 10  # non-finite losses in a row before the run stops with an error
 
     def __post_init__(self) -> None:
-        _check_choice("task", self.task, TASKS)
+        if self.task:  # "" is resolved by cvforge.train before a run starts
+            _check_choice("task", self.task, TASKS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
         for name in ("epochs", "batch", "accumulate", "devices", "max_bad_steps", "imgsz"):
@@ -138,6 +142,11 @@ def _coerce(name: str, value: Any, default: Any, where: str | os.PathLike | None
         kind = "true/false" if isinstance(default, bool) or default is None else type(default).__name__
         return CvforgeError(f"setting {name} must be {kind}, got {value!r}", where, f"write e.g. {name}: {default!r}")
 
+    if isinstance(default, dict):  # model_args: the builder checks names and types when it is built
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
+        raise CvforgeError(f"setting {name} must be a mapping of option names to values, got {value!r}", where,
+                           f"write e.g. {name}: {{upsample: bilinear}}")
     if default is None or isinstance(default, bool):  # optional flags: true, false or null
         if value is None and default is None or isinstance(value, bool):
             return value

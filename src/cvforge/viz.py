@@ -26,10 +26,11 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
 
 
 def plot_confusion_matrix(confusion: torch.Tensor | np.ndarray, class_names: list[str], path: str | os.PathLike,
-                          normalize: bool = True) -> Path:
+                          normalize: bool = True, unit: str = "images") -> Path:
     """Write the confusion matrix (int [C, C], rows = true, columns = predicted) as a PNG; returns the path.
 
     normalize: colour by each row's share (recall per class) instead of raw counts; cells show counts.
+    unit: what one count is (images, pixels, boxes), for the title and the colour bar.
     """
     counts = np.asarray(confusion, dtype=np.int64)
     n = len(counts)
@@ -39,14 +40,14 @@ def plot_confusion_matrix(confusion: torch.Tensor | np.ndarray, class_names: lis
     fig = Figure(figsize=(side + 1.5, side))
     ax = fig.add_subplot()
     image = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalize else max(int(counts.max()), 1))
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true class" if normalize else "images")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true class" if normalize else unit)
     fontsize = 9 if n <= 10 else 7
     ax.set_xticks(range(n), labels=class_names, rotation=45 if n <= 10 else 90, ha="right" if n <= 10 else "center",
                   fontsize=fontsize)
     ax.set_yticks(range(n), labels=class_names, fontsize=fontsize)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"confusion matrix ({int(counts.sum())} images)")
+    ax.set_title(f"confusion matrix ({int(counts.sum())} {unit})")
     if n <= CELL_TEXT_MAX_CLASSES:
         threshold = values.max() / 2
         for (i, j), count in np.ndenumerate(counts):
