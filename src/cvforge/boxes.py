@@ -7,6 +7,8 @@ original, upright image. These are thin wrappers over ``torchvision.ops`` where 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torchvision import ops
 
@@ -86,3 +88,43 @@ def unletterbox(boxes: torch.Tensor, height: int, width: int, size: int) -> torc
     shift = boxes.new_tensor([left, top, left, top])
     scale = boxes.new_tensor([width / new_w, height / new_h, width / new_w, height / new_h])
     return clip_boxes((boxes - shift) * scale, height, width)
+
+
+class BoxCoder:
+    """R-CNN's box regression parametrisation (Girshick et al., 2014, appendix C), shared by the region-based
+    detectors: a box is coded relative to a reference box P (a proposal or an anchor) as
+
+        tx = wx * (gx - px) / pw    ty = wy * (gy - py) / ph    tw = ww * log(gw / pw)    th = wh * log(gh / ph)
+
+    with (x, y) centres and (w, h) sizes. The scale-invariant translation and log-space size make one
+    regressor fit boxes of every size; ``weights`` (10, 10, 5, 5) scale the deltas to roughly unit variance
+    (Fast R-CNN's target normalisation). ``decode`` clamps tw, th at ``log(1000 / 16)`` so an untrained
+    regressor cannot produce an overflowing box.
+    """
+
+    def __init__(self, weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
+                 clamp: float = math.log(1000.0 / 16)):
+        self.weights = tuple(float(w) for w in weights)
+        self.clamp = clamp
+
+    def encode(self, reference_boxes: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
+        """Targets: reference_boxes (ground truth) [N, 4] xyxy, proposals [N, 4] xyxy -> deltas [N, 4]."""
+        wx, wy, ww, wh = self.weights
+        p = xyxy_to_cxcywh(proposals.float())
+        g = xyxy_to_cxcywh(reference_boxes.float())
+        pw, ph = p[:, 2].clamp(min=EPS), p[:, 3].clamp(min=EPS)
+        return torch.stack([wx * (g[:, 0] - p[:, 0]) / pw, wy * (g[:, 1] - p[:, 1]) / ph,
+                            ww * torch.log(g[:, 2].clamp(min=EPS) / pw),
+                            wh * torch.log(g[:, 3].clamp(min=EPS) / ph)], dim=1)
+
+    def decode(self, deltas: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
+        """deltas [N, 4k] (k boxes per proposal, e.g. one per class), proposals [N, 4] xyxy -> boxes [N, 4k] xyxy."""
+        wx, wy, ww, wh = self.weights
+        n = deltas.shape[0]
+        d = deltas.float().reshape(n, -1, 4)
+        p = xyxy_to_cxcywh(proposals.float())[:, None, :]
+        cx = d[..., 0] / wx * p[..., 2] + p[..., 0]
+        cy = d[..., 1] / wy * p[..., 3] + p[..., 1]
+        w = torch.exp((d[..., 2] / ww).clamp(max=self.clamp)) * p[..., 2]
+        h = torch.exp((d[..., 3] / wh).clamp(max=self.clamp)) * p[..., 3]
+        return cxcywh_to_xyxy(torch.stack([cx, cy, w, h], dim=-1)).reshape(n, -1)

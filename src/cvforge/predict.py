@@ -1,8 +1,9 @@
-"""``cvforge predict``: run a trained model on images and folders, print and save what it sees.
+"""``cvforge predict``: run a trained model on images, folders and videos, print and save what it sees.
 
 Per task, ``describe`` turns a model's raw output into plain per-image records, and ``save_records``
 writes them (classification: ``predictions.csv`` and ``predictions.json`` with the top-k classes;
-segmentation: ``masks/<stem>.png`` raw class ids, ``overlays/<stem>.png`` VOC-coloured, ``predictions.json``).
+segmentation: ``masks/<stem>.png`` raw class ids, ``overlays/<stem>.png`` VOC-coloured, ``predictions.json``;
+detection: ``save_detections``; instance: also ``instance_masks/<stem>.png`` and masks drawn). Videos (detection) run frame by frame through ``cvforge.video``.
 Weights ending in ``.onnx`` (``cvforge export``) run through onnxruntime.
 """
 from __future__ import annotations
@@ -34,19 +35,21 @@ def as_image(image: Any) -> tv_tensors.Image:
                        "pass a file path, a PIL image or a uint8 [3, H, W] tensor")
 
 
-def image_files(sources: Iterable[str | os.PathLike]) -> list[Path]:
-    """Image files named by SOURCE arguments: files, and folders searched recursively (sorted)."""
+def source_files(sources: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
+    """(image files, video files) named by SOURCE arguments: files, and folders searched recursively (sorted)."""
+    from cvforge.video import is_video_file
     files: list[Path] = []
     for source in map(Path, sources):
         if source.is_dir():
-            files += sorted(p for p in source.rglob("*") if p.is_file() and is_image_file(p))
+            files += sorted(p for p in source.rglob("*") if p.is_file() and (is_image_file(p) or is_video_file(p)))
         elif source.is_file():
             files.append(source)
         else:
-            raise CvforgeError("source not found", source, "pass image files or folders")
+            raise CvforgeError("source not found", source, "pass image or video files, or folders")
     if not files:
-        raise CvforgeError("no images found", ", ".join(map(str, sources)), "pass image files or folders of images")
-    return files
+        raise CvforgeError("no images or videos found", ", ".join(map(str, sources)),
+                           "pass image or video files, or folders of them")
+    return [f for f in files if not is_video_file(f)], [f for f in files if is_video_file(f)]
 
 
 def describe(task: str, output: Any, classes: list[str], top: int = 5) -> list[dict[str, Any]]:
@@ -56,7 +59,7 @@ def describe(task: str, output: Any, classes: list[str], top: int = 5) -> list[d
     if task == "segment":
         return _describe_masks(output["masks"], classes, top)
     if task in ("detect", "instance"):
-        return [_describe_boxes(o, classes) for o in output]
+        return [{**_describe_boxes(o, classes), **_instance_masks(o)} for o in output]
     raise CvforgeError(f"prediction for task {task!r} is not available yet", None, "use a classification model")
 
 
@@ -70,33 +73,90 @@ def _describe_boxes(output: dict[str, torch.Tensor], classes: list[str]) -> dict
 
 def save_detections(records: list[dict[str, Any]], out: Path, conf: float = 0.25) -> list[Path]:
     """Detections -> ``images/`` (boxes drawn, score >= conf), ``labels/*.txt`` (YOLO: class cx cy w h
-    normalised, score >= conf) and ``coco_results.json`` (every detection; image_id = index of the image)."""
-    from torchvision.utils import draw_bounding_boxes, save_image
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    normalised, score >= conf) and ``coco_results.json`` (every detection; image_id = index of the record).
+    Video frames (records with "frame", "width", "height"; ``cvforge.video``) are drawn into their video
+    already: they get ``labels/<video stem>_<frame:06d>.txt`` and rows with "frame" in the JSON."""
+    from torchvision.utils import save_image
     (out / "labels").mkdir(parents=True, exist_ok=True)
-    results = []
+    results, drawn = [], False
     for image_id, record in enumerate(records):
-        image = read_image(record["image"]).as_subclass(torch.Tensor)
-        h, w = image.shape[-2:]
-        shown = [d for d in record["detections"] if d["score"] >= conf]
-        lines = []
+        stem = Path(record["image"]).stem
+        if "frame" in record:
+            stem, h, w = f"{stem}_{record['frame']:06d}", record["height"], record["width"]
+        else:
+            image = read_image(record["image"]).as_subclass(torch.Tensor)
+            h, w = image.shape[-2:]
+            (out / "images").mkdir(exist_ok=True)
+            drawn = True
+            image = draw_instance_masks(image, record, conf) if "mask_file" in record else image
+            drawn_image = draw_detections(image, record["detections"], conf)
+            save_image(drawn_image.float() / 255, out / "images" / f"{stem}.png")
+        frame = {"frame": record["frame"]} if "frame" in record else {}
         for d in record["detections"]:
             x1, y1, x2, y2 = d["box"]
-            results.append({"image_id": image_id, "file_name": record["image"], "category_id": d["label"],
+            results.append({"image_id": image_id, "file_name": record["image"], **frame, "category_id": d["label"],
                             "bbox": [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)], "score": d["score"]})
-        for d in shown:
-            x1, y1, x2, y2 = d["box"]
-            lines.append(f"{d['label']} {(x1 + x2) / 2 / w:.6f} {(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} "
-                         f"{(y2 - y1) / h:.6f} {d['score']:.5f}")
-        stem = Path(record["image"]).stem
+        lines = [_yolo_line(d, w, h) for d in record["detections"] if d["score"] >= conf]
         (out / "labels" / f"{stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
-        if shown:
-            image = draw_bounding_boxes(image, torch.tensor([d["box"] for d in shown]), width=1,
-                                        labels=[f"{d['name']} {d['score']:.2f}" for d in shown])
-        save_image(image.float() / 255, out / "images" / f"{stem}.png")
     json_path = out / "coco_results.json"
     json_path.write_text(json.dumps(results), encoding="utf-8")
-    return [out / "images", out / "labels", json_path]
+    return [out / "images"] * drawn + [out / "labels", json_path]
+
+
+def _yolo_line(detection: dict[str, Any], width: int, height: int) -> str:
+    """One YOLO txt row: ``class cx cy w h score``, box normalised by the image's size."""
+    x1, y1, x2, y2 = detection["box"]
+    return (f"{detection['label']} {(x1 + x2) / 2 / width:.6f} {(y1 + y2) / 2 / height:.6f} "
+            f"{(x2 - x1) / width:.6f} {(y2 - y1) / height:.6f} {detection['score']:.5f}")
+
+
+def draw_detections(image: torch.Tensor, detections: list[dict[str, Any]], conf: float = 0.25) -> torch.Tensor:
+    """uint8 [3, H, W] -> a copy with the boxes of score >= conf drawn and labelled "name score"."""
+    from torchvision.utils import draw_bounding_boxes
+    shown = [d for d in detections if d["score"] >= conf]
+    if not shown:
+        return image
+    return draw_bounding_boxes(image, torch.tensor([d["box"] for d in shown]), width=1,
+                               labels=[f"{d['name']} {d['score']:.2f}" for d in shown])
+
+
+def _instance_masks(output: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """{"masks": uint8 ndarray [K, H, W]} (0/1, one per detection, in its order) when the model gives masks."""
+    if "masks" not in output:
+        return {}
+    return {"masks": (output["masks"] >= 0.5).to(torch.uint8).cpu().numpy()}
+
+
+def save_instance_masks(records: list[dict[str, Any]], out: Path, conf: float = 0.25) -> None:
+    """Per record with "masks": ``instance_masks/<stem>.png``, one byte per pixel, 0 background and k + 1
+    where detection k (score >= conf, at most 255) lies, the most confident on top; the record's
+    "masks" array is replaced by the path ("mask_file")."""
+    import numpy as np
+    (out / "instance_masks").mkdir(parents=True, exist_ok=True)
+    for record in records:
+        masks = record.pop("masks", None)
+        if masks is None:
+            continue
+        ids = np.zeros(masks.shape[1:], dtype=np.uint8)
+        scores = [d["score"] for d in record["detections"]]
+        for k in reversed(range(min(len(masks), 255))):  # sorted by score: paint the best last
+            if scores[k] >= conf:
+                ids[masks[k] > 0] = k + 1
+        path = out / "instance_masks" / f"{Path(record['image']).stem}.png"
+        Image.fromarray(ids).save(path)
+        record["mask_file"] = str(path)
+
+
+def draw_instance_masks(image: torch.Tensor, record: dict[str, Any], conf: float = 0.25, alpha: float = 0.5
+                        ) -> torch.Tensor:
+    """uint8 [3, H, W] -> a copy with the masks of ``record["mask_file"]`` (``save_instance_masks``) blended in."""
+    import numpy as np
+    from torchvision.utils import draw_segmentation_masks
+    ids = torch.from_numpy(np.asarray(Image.open(record["mask_file"])).copy()) if record.get("mask_file") else None
+    shown = [k for k, d in enumerate(record["detections"]) if d["score"] >= conf and k < 255]
+    if ids is None or not shown or ids.shape != image.shape[-2:]:
+        return image
+    return draw_segmentation_masks(image, torch.stack([ids == k + 1 for k in shown]), alpha=alpha)
 
 
 def _describe_classes(scores: torch.Tensor, classes: list[str], top: int) -> list[dict[str, Any]]:
@@ -174,6 +234,8 @@ def save_records(task: str, records: list[dict[str, Any]], out: Path) -> list[Pa
     out.mkdir(parents=True, exist_ok=True)
     if task == "segment":
         save_segment_masks(records, out)
+    if task == "instance" and any("masks" in r for r in records):
+        save_instance_masks(records, out)
     json_path = out / "predictions.json"
     json_path.write_text(json.dumps(records, indent=1), encoding="utf-8")
     written = [json_path] + ([out / "masks", out / "overlays"] if task == "segment" else [])
@@ -195,19 +257,39 @@ def write_eval_plots(task: str, evaluator: Any, classes: list[str], out: Path) -
     """The task's evaluation pictures (classification: the confusion matrix)."""
     from cvforge import viz
     if task in ("classify", "segment"):  # segment: a confusion matrix of pixels, rows = true class
-        return [viz.plot_confusion_matrix(evaluator.confusion, classes, Path(out) / "confusion_matrix.png")]
+        return [viz.plot_confusion_matrix(evaluator.confusion, classes, Path(out) / "confusion_matrix.png",
+                                          unit="images" if task == "classify" else "pixels")]
     if task in ("detect", "instance"):  # last row / column: background (missed object / false detection)
         from cvforge.eval.detection import plot_pr_curves
         return [viz.plot_confusion_matrix(evaluator.confusion, [*classes, "background"],
-                                          Path(out) / "confusion_matrix.png", normalize=False),
+                                          Path(out) / "confusion_matrix.png", normalize=False, unit="boxes"),
                 plot_pr_curves(evaluator.curves, classes, Path(out) / "pr_curves.png")]
     return []
 
 
+def summary_lines(records: list[dict[str, Any]], conf: float = 0.25, shown: int = 5) -> list[str]:
+    """What ``cvforge predict`` prints: one line per image (its top classes or its detections above
+    ``conf``), and one line per video instead of one per frame."""
+    lines, videos = [], {}
+    for record in records:
+        found = [d for d in record.get("detections", []) if d["score"] >= conf]
+        if "frame" in record:
+            frames, boxes = videos.get(record["image"], (0, 0))
+            videos[record["image"]] = (frames + 1, boxes + len(found))
+        elif "detections" in record:
+            best = ", ".join(f"{d['name']} {d['score']:.2f}" for d in found[:shown])
+            lines.append(f"{record['image']}: {len(found)} objects" + (f" ({best}{', ...' if len(found) > shown else ''})"
+                                                                       if found else ""))
+        else:
+            lines.append(f"{record['image']}: " + ", ".join(f"{g['name']} {g['score']:.3f}" for g in record.get("top", [])))
+    lines += [f"{video}: {frames} frames, {boxes} objects in all" for video, (frames, boxes) in videos.items()]
+    return lines
+
+
 def predict(weights: str | os.PathLike, sources: Iterable[str | os.PathLike], *, out: str | os.PathLike | None = None,
             top: int = 5, device: str = "auto", batch: int = 16) -> tuple[list[dict[str, Any]], list[Path]]:
-    """Predict every image of ``sources``; returns the records and the files written to ``out``
-    (default: a new ``runs/<task>/predict`` folder)."""
+    """Predict every image and video of ``sources``; returns the records (one per image or video frame)
+    and the files written to ``out`` (default: a new ``runs/<task>/predict`` folder)."""
     from cvforge.api import load
     from cvforge.engine.checkpoint import next_run_dir
     from cvforge.engine.optim import to_device
@@ -218,8 +300,9 @@ def predict(weights: str | os.PathLike, sources: Iterable[str | os.PathLike], *,
         model = load(weights, device)
     if model.task == "segment":
         batch = 1  # full-size images of different sizes: masks stay in each image's own pixels
-    files = image_files(sources)
-    records = []
+    files, videos = source_files(sources)
+    out = Path(out) if out else next_run_dir(Path("runs") / model.task, "predict")
+    records, annotated = [], []
     with torch.inference_mode():
         for start in range(0, len(files), batch):
             chunk = files[start:start + batch]
@@ -229,5 +312,8 @@ def predict(weights: str | os.PathLike, sources: Iterable[str | os.PathLike], *,
             output = model.module(to_device(images, model.device))
             for path, record in zip(chunk, describe(model.task, output, model.classes, top)):
                 records.append({"image": str(path), **record})
-    out = Path(out) if out else next_run_dir(Path("runs") / model.task, "predict")
-    return records, save_records(model.task, records, out)
+        for video in videos:  # one record per frame; the annotated video is written on the way
+            from cvforge.video import predict_video
+            frames, annotated_video = predict_video(model, video, out, batch=batch)
+            records, annotated = records + frames, annotated + [annotated_video]
+    return records, annotated + save_records(model.task, records, out)

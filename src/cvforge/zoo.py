@@ -23,6 +23,11 @@ from torch import nn
 from cvforge.errors import CvforgeError
 from cvforge.models.backbones import classification_model_names
 from cvforge.models.classifier import build_classifier
+from cvforge.models.detection.fast_rcnn import fast_rcnn
+from cvforge.models.detection.faster_rcnn import faster_rcnn, faster_rcnn_fpn
+from cvforge.models.detection.mask_rcnn import mask_rcnn
+from cvforge.models.detection.rcnn import rcnn
+from cvforge.models.detection.sppnet import sppnet
 from cvforge.models.detection.yolo import yolo_n, yolo_s
 from cvforge.models.detection.yolov1 import build_yolov1
 from cvforge.models.fcn import fcn8s, fcn16s, fcn32s
@@ -42,7 +47,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     **{name: partial(build_classifier, name) for name in LISTED_CLASSIFIERS},
     "fcn32s": fcn32s, "fcn16s": fcn16s, "fcn8s": fcn8s,  # segment (models/fcn.py)
     "yolo-n": yolo_n, "yolo-s": yolo_s, "yolov1": build_yolov1,  # detect (models/detection/yolo*.py)
-    # detect: "rcnn", "sppnet", "fast_rcnn", "faster_rcnn" (models/detection/)
+    "faster_rcnn": faster_rcnn, "faster_rcnn_fpn": faster_rcnn_fpn,  # detect (models/detection/faster_rcnn.py)
+    "mask_rcnn": mask_rcnn,  # instance (models/detection/mask_rcnn.py)
+    "rcnn": rcnn, "sppnet": sppnet, "fast_rcnn": fast_rcnn,  # detect (models/detection/rcnn.py, sppnet.py, fast_rcnn.py)
     # instance: "mask_rcnn"
 }
 
@@ -51,6 +58,8 @@ MODEL_TASKS: dict[str, str] = {
     **{name: "classify" for name in LISTED_CLASSIFIERS},
     "fcn32s": "segment", "fcn16s": "segment", "fcn8s": "segment",
     "yolo-n": "detect", "yolo-s": "detect", "yolov1": "detect",
+    "rcnn": "detect", "sppnet": "detect", "fast_rcnn": "detect",
+    "faster_rcnn": "detect", "faster_rcnn_fpn": "detect", "mask_rcnn": "instance",
 }
 
 PLAIN_TYPES = (bool, int, float, str, type(None))
@@ -69,6 +78,21 @@ def builder_for(name: str, task: str) -> Callable[..., nn.Module]:
     where = f"it is a {MODEL_TASKS[name]} model" if name in MODEL_TASKS else None
     raise CvforgeError(f"unknown {task} model {name!r}", where,
                        f"use one of {names or '(none yet)'}{hint} — `cvforge models` lists them")
+
+
+def builder_options(name: str, task: str) -> dict[str, Any]:
+    """The options model ``name`` takes besides num_classes, with their defaults. A builder's ``**kwargs``
+    are passed on to the class it returns (its return annotation), so that class's options count too."""
+    builder = builder_for(name, task)
+    signature = inspect.signature(builder, eval_str=True)
+    options = {n: p.default for n, p in signature.parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    returned = signature.return_annotation
+    if any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()) and inspect.isclass(returned):
+        forwarded = inspect.signature(returned.__init__).parameters.items()
+        options |= {n: p.default for n, p in forwarded if n != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+                    and n not in options}
+    options.pop("num_classes", None)
+    return options
 
 
 def build_model(name: str, *, task: str, num_classes: int, **kwargs: Any) -> nn.Module:

@@ -16,7 +16,10 @@ def build_evaluator(task: str, classes: list[str]) -> Any:
     if task == "segment":
         from cvforge.eval.segmentation import SegmentationEvaluator
         return SegmentationEvaluator(len(classes), classes)
-    if task in ("detect", "instance"):  # instance: box AP for now (mask AP comes with Mask R-CNN)
+    if task == "detect":
         from cvforge.eval.detection import DetectionEvaluator
         return DetectionEvaluator(classes)
+    if task == "instance":  # box AP and, when predictions carry masks, COCO mask AP
+        from cvforge.eval.instance import InstanceEvaluator
+        return InstanceEvaluator(classes)
     raise CvforgeError(f"task {task!r} has no evaluator yet", None, "use --task classify")

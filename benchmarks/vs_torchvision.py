@@ -1,0 +1,205 @@
+"""cvforge's Faster R-CNN and Mask R-CNN against torchvision's own, same backbone, data and budget, one run.
+
+Pairs (each model from scratch: the machine is offline, so weights=None, weights_backbone=None):
+    faster  cvforge ``faster_rcnn_fpn`` on mobilenet_v3_large  vs  torchvision ``fasterrcnn_mobilenet_v3_large_fpn``
+    mask    cvforge ``mask_rcnn`` (ResNet-50-FPN)              vs  torchvision ``maskrcnn_resnet50_fpn``
+Both sides of a pair train through cvforge's engine (same loader, seed, SGD, schedule, epochs, batch,
+image size; torchvision resizes to ``min_size = max_size = imgsz``, cvforge to ``imgsz``) and are
+scored by cvforge's evaluator on the val split: box mAP50-95 / mAP50 and, for Mask R-CNN, mask
+mAP50-95, of the last epoch. cvforge uses torchvision's anchor sizes here (``anchor_reference =
+imgsz``: sizes in pixels as given) so the anchors are the same on both sides; everything else keeps
+each implementation's defaults (cvforge keeps 300 proposals at test, torchvision 1000). Speeds:
+training images/s (forward + backward + SGD step on the same batches) and inference ms/image
+(batch 1), medians of steps run alternately on the two sides (``speeds``), so that a busy shared
+machine slows both alike; ``--epochs 0`` measures speed only.
+
+    python benchmarks/vs_torchvision.py                                 # the BENCHMARKS.md table (CPU: long)
+    python benchmarks/vs_torchvision.py --pairs faster --epochs 1 --data shapes:train=16,val=8
+
+Prints a Markdown table (and writes it to --out when given).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cvforge.config import TrainConfig
+from cvforge.data import build_dataset
+from cvforge.data.loader import build_loader
+from cvforge.data.transforms import build_transforms
+from cvforge.engine.optim import resolve_device, seed_everything, to_device
+from cvforge.engine.trainer import Trainer
+from cvforge.eval import build_evaluator
+from cvforge.zoo import build_model
+
+TV_ANCHORS = (32, 64, 128, 256, 512)  # torchvision's anchor sizes (in input pixels)
+PAIRS = {
+    "faster": ("detect", "cvforge faster_rcnn_fpn (mobilenet_v3_large)", "torchvision fasterrcnn_mobilenet_v3_large_fpn"),
+    "mask": ("instance", "cvforge mask_rcnn (resnet50 FPN)", "torchvision maskrcnn_resnet50_fpn"),
+}
+
+
+class TorchvisionDetector(nn.Module):
+    """A torchvision detection model behind cvforge's contract: uint8 images in, 0-based labels, uint8
+    masks [K, H, W] out; in training its loss dict."""
+
+    def __init__(self, pair: str, num_classes: int, imgsz: int):
+        super().__init__()
+        from torchvision.models import detection
+        builder = detection.fasterrcnn_mobilenet_v3_large_fpn if pair == "faster" else detection.maskrcnn_resnet50_fpn
+        self.net = builder(weights=None, weights_backbone=None, num_classes=num_classes + 1,
+                           min_size=imgsz, max_size=imgsz)
+
+    def forward(self, images, targets=None):
+        images = [image.float() / 255 for image in images]
+        if self.training:
+            keep = ("boxes", "masks")
+            targets = [{**{k: t[k] for k in keep if k in t}, "labels": t["labels"] + 1} for t in targets]
+            return self.net(images, targets)
+        out = []
+        for o in self.net(images):
+            o = {**o, "labels": o["labels"] - 1}
+            if "masks" in o:
+                o["masks"] = (o["masks"][:, 0] >= 0.5).to(torch.uint8)
+            out.append(o)
+        return out
+
+
+def build(pair: str, side: str, num_classes: int, imgsz: int) -> nn.Module:
+    if side == "torchvision":
+        return TorchvisionDetector(pair, num_classes, imgsz)
+    if pair == "faster":  # as torchvision's mobilenet FPN: stride-32 features + a pooled level, 5 sizes x 3 ratios each
+        return build_model("faster_rcnn_fpn", task="detect", num_classes=num_classes, backbone="mobilenet_v3_large",
+                           imgsz=imgsz, fpn_levels=1, anchor_sizes=[list(TV_ANCHORS)] * 2, anchor_reference=imgsz)
+    return build_model("mask_rcnn", task="instance", num_classes=num_classes, imgsz=imgsz,
+                       anchor_sizes=list(TV_ANCHORS), anchor_reference=imgsz)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images, targets) -> float:
+    """Seconds of one training step (forward, backward, SGD step)."""
+    start = time.perf_counter()
+    loss = sum(model(images, targets).values())
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    if loss.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def infer(model: nn.Module, image: torch.Tensor, device: torch.device) -> float:
+    start = time.perf_counter()
+    model([image])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def speeds(pair: str, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+    """Per side (train images/s, inference ms/image): median of ``--speed-steps`` training steps on the
+    same batches and of as many single-image inferences, the two sides interleaved step by step so a
+    busy shared machine slows both alike. Untrained models (speed does not depend on the weights much;
+    inference keeps at most 100 detections either way)."""
+    task = PAIRS[pair][0]
+    train = build_dataset(args.data, "train", task, transforms=build_transforms(task, True, args.imgsz))
+    val = build_dataset(args.data, "val", task, transforms=build_transforms(task, False, args.imgsz))
+    loader = build_loader(train, task, batch_size=args.batch, shuffle=True, seed=0)
+    batches = [batch for batch, _ in zip(loader, range(args.speed_steps + 1))]
+    device = resolve_device(args.device)
+    batches = [to_device(batch, device) for batch in batches]
+    models = {}
+    for side in ("cvforge", "torchvision"):
+        seed_everything(0)
+        model = build(pair, side, len(train.classes), args.imgsz).to(device).train()
+        models[side] = (model, torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9))
+    times: dict[str, list[float]] = {side: [] for side in models}
+    for images, targets in batches:  # the first step of each side is a warm-up
+        for side, (model, optimizer) in models.items():
+            times[side].append(train_step(model, optimizer, images, targets))
+    for model, _ in models.values():
+        model.eval()
+    latency: dict[str, list[float]] = {side: [] for side in models}
+    for i in range(args.speed_steps + 1):
+        image = val[i % len(val)][0].as_subclass(torch.Tensor).to(device)
+        for side, (model, _) in models.items():
+            latency[side].append(infer(model, image, device))
+    return {side: (args.batch / statistics.median(times[side][1:]), 1000 * statistics.median(latency[side][1:]))
+            for side in models}
+
+
+def accuracy(pair: str, side: str, args: argparse.Namespace, project: Path) -> dict:
+    """Train through cvforge's engine; the last epoch's metrics and the run's minutes."""
+    task, ours, reference = PAIRS[pair]
+    config = TrainConfig(task=task, model=f"{pair}-{side}", data=args.data, epochs=args.epochs, imgsz=args.imgsz,
+                         batch=args.batch, workers=args.workers, device=args.device, optimizer="sgd", lr=args.lr,
+                         weight_decay=1e-4, warmup_epochs=1.0, patience=0, seed=0, project=str(project),
+                         name=f"{pair}-{side}", metric="loss")
+    train = build_dataset(args.data, "train", task, transforms=build_transforms(task, True, args.imgsz))
+    val = build_dataset(args.data, "val", task, transforms=build_transforms(task, False, args.imgsz))
+    seed_everything(0)
+    model = build(pair, side, len(train.classes), args.imgsz)
+    result = Trainer(config, model, train, val, build_evaluator(task, train.classes)).fit()
+    last = result.history[-1]
+    row = {"model": ours if side == "cvforge" else reference,
+           "box mAP50-95": last.get("metrics/mAP50-95", float("nan")), "box mAP50": last.get("metrics/mAP50", float("nan"))}
+    if task == "instance":
+        row["mask mAP50-95"] = last.get("metrics/mask_mAP50-95", float("nan"))
+    row["train min"] = sum(r["time"] for r in result.history) / 60
+    row["params (M)"] = sum(p.numel() for p in model.parameters()) / 1e6
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        cells = []
+        for k in keys:
+            v = row.get(k, "")
+            cells.append(f"{100 * v:.1f}" if "mAP" in k and isinstance(v, float) else
+                         f"{v:.2f}" if k == "train img/s" else f"{v:.1f}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="shapes:train=128,val=48")
+    parser.add_argument("--pairs", default="faster,mask")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--imgsz", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--speed-steps", type=int, default=10, help="timed steps per side (interleaved)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--out", type=Path, help="also write the table to this file")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as project:
+        for pair in args.pairs.split(","):
+            measured = speeds(pair, args)
+            for side in ("cvforge", "torchvision"):
+                row = accuracy(pair, side, args, Path(project)) if args.epochs else {"model": PAIRS[pair][1 + (side != "cvforge")]}
+                row["train img/s"], row["infer ms/img"] = measured[side]
+                rows.append(row)
+                print(table(rows[-1:]), flush=True)
+    text = (f"data {args.data}, {args.epochs} epochs, imgsz {args.imgsz}, batch {args.batch}, SGD lr {args.lr} "
+            f"(momentum 0.9, weight decay 1e-4, 1 warm-up epoch, cosine), from scratch; mAP in points\n\n{table(rows)}")
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

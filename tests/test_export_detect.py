@@ -1,0 +1,101 @@
+"""ONNX export of detectors (export.py): parity of the raw head outputs, and `cvforge predict` with the
+.onnx file giving the detections of the PyTorch checkpoint (the model's own letterbox, decoding and NMS
+run around the graph)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from cvforge.cli import main
+from cvforge.config import TrainConfig
+from cvforge.engine.checkpoint import FORMAT
+from cvforge.export import PARITY_TOLERANCE, export_onnx, load_onnx
+from cvforge.zoo import build_model
+
+CLASSES = ["disc", "bar", "star"]
+
+
+def save_detector(path, name: str, imgsz: int, **kwargs):
+    """An untrained detector with spread-out class scores (so NMS has real work), saved as cvforge does."""
+    torch.manual_seed(0)
+    model = build_model(name, task="detect", num_classes=len(CLASSES), imgsz=imgsz, **kwargs).eval()
+    last = [branch[-1] for branch in model.head.cls] if name.startswith("yolo-") else [model.head[-1]]
+    for layer in last:
+        torch.nn.init.normal_(layer.weight, std=0.05)
+    if name == "yolov1":  # positive confidences and class probabilities, so some products pass conf
+        torch.nn.init.uniform_(model.head[-1].bias, 0.1, 0.6)
+    config = TrainConfig(task="detect", model=name, imgsz=imgsz)
+    torch.save({"format": FORMAT, "model": model.state_dict(), "model_spec": model.cvforge_spec,
+                "class_names": CLASSES, "train_config": config.to_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def yolo_n(tmp_path_factory):
+    return save_detector(tmp_path_factory.mktemp("yolo") / "best.pt", "yolo-n", 64, conf=0.05)
+
+
+def _images():
+    """Two uint8 images of different sizes and aspect ratios (the letterbox pads differently)."""
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 256, (3, 48, 80), dtype=torch.uint8, generator=generator),
+            torch.randint(0, 256, (3, 70, 40), dtype=torch.uint8, generator=generator)]
+
+
+def _assert_same_detections(got: list[dict], expected: list[dict]) -> None:
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert len(e["boxes"]) > 0 and len(g["boxes"]) == len(e["boxes"])
+        assert torch.equal(g["labels"], e["labels"])
+        assert torch.allclose(g["boxes"], e["boxes"], atol=1e-3)
+        assert torch.allclose(g["scores"], e["scores"], atol=1e-5)
+
+
+@pytest.mark.parametrize("name, imgsz", [("yolo-n", 64), ("yolov1", 112)])
+def test_detector_export_parity_and_onnx_detections(tmp_path, capsys, name, imgsz):
+    checkpoint = save_detector(tmp_path / "best.pt", name, imgsz)
+    path = export_onnx(checkpoint)
+    report = capsys.readouterr().out
+    diff = float(report.split("raw max |diff| ")[1].split()[0].rstrip(","))
+    assert diff <= PARITY_TOLERANCE
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert props["task"] == "detect" and props["input_size"] == str(imgsz)
+    assert json.loads(props["model_spec"])["name"] == name and json.loads(props["classes"]) == CLASSES
+    from cvforge.api import load
+    with torch.no_grad():
+        expected = load(checkpoint, device="cpu").module(_images())
+        got = load_onnx(path).module(_images())
+    _assert_same_detections(got, expected)
+
+
+def test_predict_with_the_onnx_detector_from_the_command_line(yolo_n, tmp_path, capsys):
+    onnx_path = tmp_path / "model.onnx"
+    assert main(["export", "--weights", str(yolo_n), "--format", "onnx", "--out", str(onnx_path)]) == 0
+    assert "raw max |diff|" in capsys.readouterr().out
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (45, 67, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    for weights, out in ((onnx_path, "pred_onnx"), (yolo_n, "pred_torch")):
+        assert main(["predict", "--weights", str(weights), str(tmp_path / "a.png"), "--out", str(tmp_path / out),
+                     "--device", "cpu"]) == 0
+    onnx_results, torch_results = (json.loads((tmp_path / d / "coco_results.json").read_text())
+                                   for d in ("pred_onnx", "pred_torch"))
+    assert len(onnx_results) == len(torch_results) > 0
+    for a, b in zip(onnx_results, torch_results):
+        assert a["category_id"] == b["category_id"]
+        assert np.allclose(a["bbox"], b["bbox"], atol=0.02) and abs(a["score"] - b["score"]) <= 1e-4
+    assert (tmp_path / "pred_onnx" / "labels" / "a.txt").is_file()
+
+
+def test_detector_export_mistakes_are_one_line_errors(yolo_n, tmp_path, capsys):
+    # YOLOv1 at 64 px: a 4 x 4 feature map pooled to the 7 x 7 grid, which ONNX cannot express.
+    small = save_detector(tmp_path / "v1.pt", "yolov1", 64)
+    assert main(["export", "--weights", str(small)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cvforge: error: ONNX cannot express") and err.count("\n") == 1 and "112" in err
+    assert main(["export", "--weights", str(yolo_n), "--imgsz", "96", "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "leave out --imgsz" in capsys.readouterr().err
