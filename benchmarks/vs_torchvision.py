@@ -77,7 +77,7 @@ def build(pair: str, side: str, num_classes: int, imgsz: int) -> nn.Module:
     if pair == "faster":  # as torchvision's mobilenet FPN: stride-32 features + a pooled level, 5 sizes x 3 ratios each
         return build_model("faster_rcnn_fpn", task="detect", num_classes=num_classes, backbone="mobilenet_v3_large",
                            imgsz=imgsz, fpn_levels=1, anchor_sizes=[list(TV_ANCHORS)] * 2, anchor_reference=imgsz)
-    return build_model("mask_rcnn", task="instance", num_classes=num_classes, imgsz=imgsz,
+    return build_model("mask_rcnn", task="instance", num_classes=num_classes, imgsz=imgsz, backbone="resnet50",
                        anchor_sizes=list(TV_ANCHORS), anchor_reference=imgsz)
 
 

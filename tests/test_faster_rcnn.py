@@ -125,7 +125,6 @@ def train_eval_predict(tmp_path, capsys, task: str, model: str, data: str, image
     return {"header": header, "eval": printed, "pred": tmp_path / "pred"}
 
 
-@pytest.mark.slow
 def test_cli_on_the_builtin_data_set(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     from cvforge.data import build_dataset

@@ -1,8 +1,10 @@
 """``make demo``: the first thing a new user runs — train the default detector and look at what it sees.
 
 1. generates the built-in ``shapes`` data set (once, cached) and prints its statistics;
-2. trains the default model (``yolo-n``, with its recipe) exactly as ``cvforge train`` with no
-   arguments would, only with a number of epochs sized to finish in a few minutes on a laptop CPU;
+2. trains the default model (``yolo-n``, with its recipe) as ``cvforge train`` with no arguments
+   would, with two changes for a run of a few minutes on a laptop CPU: ``DEMO_EPOCHS`` epochs, and no
+   mosaic (``--close-mosaic`` = epochs). Mosaic pays off over long runs; in this budget it costs
+   accuracy (BENCHMARKS.md: mAP50 0.55 with mosaic for 18 of 24 epochs, 0.78 without);
 3. prints the validation metrics and writes ``predictions.png``: val images with the detections
    drawn, beside ``data_preview.png`` (training samples with their annotations).
 Everything lands in one new run folder under ``runs/demo``; nothing earlier is overwritten.
@@ -66,7 +68,8 @@ def demo(spec: str = "shapes", epochs: int = DEMO_EPOCHS, project: Path = Path("
     _, stats = check(spec, "detect")
     print(format_stats(stats, "detect"))
     start = time.perf_counter()
-    result = train(data=spec, epochs=epochs, project=str(project), **options)
+    model_args = {"close_mosaic": epochs, **options.pop("model_args", {})}
+    result = train(data=spec, epochs=epochs, project=str(project), model_args=model_args, **options)
     if result.stopped:
         return 130
     minutes = (time.perf_counter() - start) / 60

@@ -130,7 +130,7 @@ class FasterRCNN(nn.Module):
     one feature map only).
     """
 
-    def __init__(self, num_classes: int, backbone: str = "resnet50", fpn: bool = False, imgsz: int = 640,
+    def __init__(self, num_classes: int, backbone: str = "resnet18", fpn: bool = False, imgsz: int = 640,
                  pretrained: str | None = None, max_stride: int = 16, fpn_levels: int = 4,
                  fpn_channels: int = 256, pool_size: int = 7, hidden: int = 1024,
                  regions_per_image: int | None = None, positive_fraction: float = 0.25, fg_iou: float = 0.5,
@@ -214,14 +214,15 @@ def check_options(options: dict[str, Any], *classes: type) -> None:
                            f"use any of {', '.join(sorted(known))}")
 
 
-def faster_rcnn(*, num_classes: int, backbone: str = "resnet50", fpn: bool = False, **options: Any) -> FasterRCNN:
-    """``faster_rcnn``: one stride-16 feature map, 3 scales x 3 ratios of anchors (the paper).
+def faster_rcnn(*, num_classes: int, backbone: str = "resnet18", fpn: bool = False, **options: Any) -> FasterRCNN:
+    """``faster_rcnn``: one stride-16 feature map, 3 scales x 3 ratios of anchors (the paper). The backbone
+    is resnet18, as for the rest of the region-based lineage here, so that a CPU trains it (the paper: VGG-16).
     options: ``FasterRCNN``'s and ``RPN``'s keyword arguments."""
     check_options(options, FasterRCNN)
     return FasterRCNN(num_classes, backbone=backbone, fpn=fpn, **options)
 
 
-def faster_rcnn_fpn(*, num_classes: int, backbone: str = "resnet50", **options: Any) -> FasterRCNN:
+def faster_rcnn_fpn(*, num_classes: int, backbone: str = "resnet18", **options: Any) -> FasterRCNN:
     """``faster_rcnn_fpn``: with a feature pyramid (one anchor scale per level)."""
     check_options(options, FasterRCNN)
     return FasterRCNN(num_classes, backbone=backbone, fpn=True, **options)

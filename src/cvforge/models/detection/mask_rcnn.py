@@ -132,8 +132,9 @@ def paste_masks(detections: dict[str, torch.Tensor], probabilities: torch.Tensor
     return {**detections, "masks": (pasted[:, 0] >= MASK_THRESHOLD).to(torch.uint8)}
 
 
-def mask_rcnn(*, num_classes: int, backbone: str = "resnet50", fpn: bool = True, **options: Any) -> MaskRCNN:
-    """``mask_rcnn``: ResNet-50-FPN by default (the paper's best backbone). options: ``MaskRCNN``'s,
+def mask_rcnn(*, num_classes: int, backbone: str = "resnet18", fpn: bool = True, **options: Any) -> MaskRCNN:
+    """``mask_rcnn``: ResNet-18-FPN by default, like the lineage's other models here, so that a CPU trains
+    it (the paper's best: ResNet-50/101-FPN, ``backbone="resnet50"``). options: ``MaskRCNN``'s,
     ``FasterRCNN``'s and ``RPN``'s keyword arguments."""
     check_options(options, MaskRCNN, FasterRCNN)
     return MaskRCNN(num_classes, backbone=backbone, fpn=fpn, **options)
