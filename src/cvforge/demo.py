@@ -2,9 +2,8 @@
 
 1. generates the built-in ``shapes`` data set (once, cached) and prints its statistics;
 2. trains the default model (``yolo-n``, with its recipe) as ``cvforge train`` with no arguments
-   would, with two changes for a run of a few minutes on a laptop CPU: ``DEMO_EPOCHS`` epochs, and no
-   mosaic (``--close-mosaic`` = epochs). Mosaic pays off over long runs; in this budget it costs
-   accuracy (BENCHMARKS.md: mAP50 0.55 with mosaic for 18 of 24 epochs, 0.78 without);
+   would, for ``DEMO_EPOCHS`` epochs and with the data loaded in the main process (``workers=0``), so
+   that it finishes in a few minutes on a laptop CPU;
 3. prints the validation metrics and writes ``predictions.png``: val images with the detections
    drawn, beside ``data_preview.png`` (training samples with their annotations).
 Everything lands in one new run folder under ``runs/demo``; nothing earlier is overwritten.
@@ -21,7 +20,7 @@ from cvforge.data import build_dataset
 from cvforge.data.check import check, format_stats
 
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c"]
-DEMO_EPOCHS = 30  # the shortest run of yolo-n that clears mAP50 0.8 on shapes (BENCHMARKS.md, demo)
+DEMO_EPOCHS = 30  # about 4 minutes on a 2-core CPU (BENCHMARKS.md, the default detector)
 
 
 def draw_targets(image: torch.Tensor, target: dict, classes: list[str]) -> torch.Tensor:
@@ -61,15 +60,17 @@ def predictions_grid(weights: Path, spec: str, path: Path, count: int = 16) -> P
 
 
 def demo(spec: str = "shapes", epochs: int = DEMO_EPOCHS, project: Path = Path("runs/demo"), **options) -> int:
-    """Steps 1-3 of the module docstring; ``options`` go to ``cvforge.train`` (e.g. workers=0)."""
+    """Steps 1-3 of the module docstring; ``options`` go to ``cvforge.train`` (e.g. batch=32)."""
     from cvforge.api import evaluate, train
     from cvforge.predict import format_eval
     print(f"cvforge demo: the built-in data set {spec!r}")
     _, stats = check(spec, "detect")
     print(format_stats(stats, "detect"))
     start = time.perf_counter()
-    model_args = {"close_mosaic": epochs, **options.pop("model_args", {})}
-    result = train(data=spec, epochs=epochs, project=str(project), model_args=model_args, **options)
+    # 128-px images load in a few ms: on a 2-core laptop, loader workers would only take cores from the
+    # two compute threads (79 vs 56 img/s, BENCHMARKS.md)
+    options.setdefault("workers", 0)
+    result = train(data=spec, epochs=epochs, project=str(project), **options)
     if result.stopped:
         return 130
     minutes = (time.perf_counter() - start) / 60

@@ -50,7 +50,6 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "faster_rcnn": faster_rcnn, "faster_rcnn_fpn": faster_rcnn_fpn,  # detect (models/detection/faster_rcnn.py)
     "mask_rcnn": mask_rcnn,  # instance (models/detection/mask_rcnn.py)
     "rcnn": rcnn, "sppnet": sppnet, "fast_rcnn": fast_rcnn,  # detect (models/detection/rcnn.py, sppnet.py, fast_rcnn.py)
-    # instance: "mask_rcnn"
 }
 
 # name -> the task its builder serves (same keys as MODELS)
