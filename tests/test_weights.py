@@ -244,3 +244,15 @@ def test_transfer_learning_beats_training_from_scratch(tmp_path, monkeypatch, ca
               f"20 images each: fine-tuned {fine_tuned:.3f} vs from scratch {from_scratch:.3f}")
     assert pretrain_accuracy > 0.5
     assert fine_tuned > from_scratch + 0.1
+
+
+def test_a_classifier_backbone_loads_into_faster_rcnn(tmp_path):
+    """A cvforge-trained classifier is a pretrained backbone for the detectors, whose backbone sits deeper."""
+    from cvforge.zoo import build_model
+    classifier = build_model("resnet18", task="classify", num_classes=3)
+    torch.save(classifier.state_dict(), tmp_path / "classifier.pt")
+    detector = build_model("faster_rcnn", task="detect", num_classes=3)
+    report = load_pretrained(detector, tmp_path / "classifier.pt")
+    stem = "features.backbone.body.conv1.weight"
+    assert stem in report.loaded
+    assert torch.equal(detector.state_dict()[stem], classifier.state_dict()["backbone.body.conv1.weight"])

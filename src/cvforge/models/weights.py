@@ -29,7 +29,7 @@ from torch import nn
 
 from cvforge.errors import CvforgeError
 
-WRAPPER_PREFIXES = ("module", "_orig_mod", "model", "backbone", "body")
+WRAPPER_PREFIXES = ("module", "_orig_mod", "model", "features", "backbone", "body")  # features: Faster R-CNN
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 NESTED_KEYS = ("model", "state_dict", "model_state_dict")
 NAME_HINT = "use a torchvision weight name like ResNet18_Weights.IMAGENET1K_V1 (or DEFAULT), or a local file"
