@@ -84,6 +84,33 @@ class ProposalDetector(nn.Module):
                        for t, i in zip(targets, images)]
         return self.normalize(x), moved, targets
 
+    def init_region_head(self, in_features: int, hidden: int, num_classes: int, rois_per_image: int,
+                         fg_fraction: float, fg_iou: float, bg_low: float, score_thresh: float, nms: float,
+                         max_det: int) -> None:
+        """fc6, fc7 and the (C + 1)-way classifier + box regressor on pooled regions of ``in_features`` values;
+        Fast R-CNN's sampling (``rois_per_image``, ``fg_fraction`` foreground at IoU >= ``fg_iou``, background
+        in [``bg_low``, ``fg_iou``)) and the test-time threshold, NMS and detection limit."""
+        self.head = TwoFCHead(in_features, hidden)
+        self.predictor = BoxPredictor(hidden, num_classes)
+        self.matcher, self.sampler = Matcher(fg_iou, fg_iou), BalancedSampler(rois_per_image, fg_fraction)
+        self.coder, self.bg_low = BoxCoder(), bg_low
+        self.score_thresh, self.nms, self.max_det = score_thresh, nms, max_det
+
+    def classify_regions(self, pool: nn.Module, features: torch.Tensor, proposals: list[torch.Tensor],
+                         targets: list[dict] | None, images: list[torch.Tensor]) -> Any:
+        """Regions pooled by ``pool`` from the feature map -> fc head. Train: on sampled regions, the
+        multi-task loss {"cls", "box"}; eval: on every proposal, detections in original pixels."""
+        if self.training:
+            regions, labels, regression_targets = sample_regions(
+                proposals, targets, self.matcher, self.sampler, self.coder, bg_low=self.bg_low)
+            class_logits, box_deltas = self.predictor(self.head(pool(features, regions)))
+            return fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets)
+        class_logits, box_deltas = self.predictor(self.head(pool(features, proposals)))
+        size = int(self.input_size)
+        detections = postprocess(class_logits, box_deltas, proposals, [(size, size)] * len(images), self.coder,
+                                 self.score_thresh, self.nms, self.max_det)
+        return self.to_original(detections, images)
+
     def to_original(self, detections: list[dict], images: list[torch.Tensor]) -> list[dict]:
         size = int(self.input_size)
         return [{**d, "boxes": unletterbox(d["boxes"], *image.shape[-2:], size)}
@@ -123,25 +150,13 @@ class FastRCNN(ProposalDetector):
             raise CvforgeError(f"unknown pooler {pooler!r}", None, "use roi_pool or roi_align")
         pool_type = RoIPool if pooler == "roi_pool" else RoIAlign
         self.pool = pool_type(pool_size, 1 / self.backbone.strides[-1])
-        self.head = TwoFCHead(self.backbone.out_channels[-1] * pool_size ** 2, hidden)
-        self.predictor = BoxPredictor(hidden, num_classes)
-        self.matcher, self.sampler = Matcher(fg_iou, fg_iou), BalancedSampler(rois_per_image, fg_fraction)
-        self.coder, self.bg_low = BoxCoder(), bg_low
-        self.score_thresh, self.nms, self.max_det = score_thresh, nms, max_det
+        self.init_region_head(self.backbone.out_channels[-1] * pool_size ** 2, hidden, num_classes, rois_per_image,
+                              fg_fraction, fg_iou, bg_low, score_thresh, nms, max_det)
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None) -> Any:
         x, proposals, targets = self.prepare(images, targets if self.training else None)
         features = self.backbone.forward_features(x)
-        if self.training:
-            regions, labels, regression_targets = sample_regions(
-                proposals, targets, self.matcher, self.sampler, self.coder, bg_low=self.bg_low)
-            class_logits, box_deltas = self.predictor(self.head(self.pool(features, regions)))
-            return fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets)
-        class_logits, box_deltas = self.predictor(self.head(self.pool(features, proposals)))
-        size = int(self.input_size)
-        detections = postprocess(class_logits, box_deltas, proposals, [(size, size)] * len(images), self.coder,
-                                 self.score_thresh, self.nms, self.max_det)
-        return self.to_original(detections, images)
+        return self.classify_regions(self.pool, features, proposals, targets, images)
 
 
 def fast_rcnn(*, num_classes: int, **kwargs: Any) -> FastRCNN:

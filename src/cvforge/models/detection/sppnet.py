@@ -20,11 +20,8 @@ from typing import Any
 
 import torch
 
-from cvforge.boxes import BoxCoder
 from cvforge.models.detection.fast_rcnn import ProposalDetector, truncated_backbone
-from cvforge.models.detection.matching import BalancedSampler, Matcher, sample_regions
 from cvforge.models.detection.region_pool import SpatialPyramidPool
-from cvforge.models.detection.roi_head import BoxPredictor, TwoFCHead, fast_rcnn_loss, postprocess
 
 
 class SPPNet(ProposalDetector):
@@ -39,27 +36,15 @@ class SPPNet(ProposalDetector):
         self.init_plumbing(imgsz, proposals, max_proposals)
         self.backbone = truncated_backbone(backbone, 16, pretrained, trainable_stages)
         self.spp = SpatialPyramidPool(tuple(levels), 1 / self.backbone.strides[-1])
-        self.head = TwoFCHead(self.spp.out_features(self.backbone.out_channels[-1]), hidden)
-        self.predictor = BoxPredictor(hidden, num_classes)
-        self.matcher, self.sampler = Matcher(fg_iou, fg_iou), BalancedSampler(rois_per_image, fg_fraction)
-        self.coder, self.bg_low = BoxCoder(), bg_low
-        self.score_thresh, self.nms, self.max_det = score_thresh, nms, max_det
+        self.init_region_head(self.spp.out_features(self.backbone.out_channels[-1]), hidden, num_classes,
+                              rois_per_image, fg_fraction, fg_iou, bg_low, score_thresh, nms, max_det)
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None) -> Any:
         x, proposals, targets = self.prepare(images, targets if self.training else None)
         frozen = not any(p.requires_grad for p in self.backbone.parameters())
         with torch.set_grad_enabled(self.training and not frozen):  # fc-only fine-tuning: no conv graph
             features = self.backbone.forward_features(x)
-        if self.training:
-            regions, labels, regression_targets = sample_regions(
-                proposals, targets, self.matcher, self.sampler, self.coder, bg_low=self.bg_low)
-            class_logits, box_deltas = self.predictor(self.head(self.spp(features, regions)))
-            return fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets)
-        class_logits, box_deltas = self.predictor(self.head(self.spp(features, proposals)))
-        size = int(self.input_size)
-        detections = postprocess(class_logits, box_deltas, proposals, [(size, size)] * len(images), self.coder,
-                                 self.score_thresh, self.nms, self.max_det)
-        return self.to_original(detections, images)
+        return self.classify_regions(self.spp, features, proposals, targets, images)
 
 
 def sppnet(*, num_classes: int, **kwargs: Any) -> SPPNet:
