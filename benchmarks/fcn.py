@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from _markdown import markdown_table  # benchmarks/_markdown.py
 from torch import nn
 
 from cvforge.config import TrainConfig
@@ -96,13 +97,8 @@ def run(name: str, args: argparse.Namespace, project: Path) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for row in rows:
-        cells = [f"{v:.3f}" if isinstance(v, float) and k == "mIoU" else f"{v:.1f}" if isinstance(v, float) else str(v)
-                 for k, v in row.items()]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(rows, lambda k, v: f"{v:.3f}" if isinstance(v, float) and k == "mIoU"
+                          else f"{v:.1f}" if isinstance(v, float) else str(v))
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from _markdown import markdown_table  # benchmarks/_markdown.py
 from torch import nn
 
 from cvforge.config import TrainConfig
@@ -157,16 +158,8 @@ def accuracy(pair: str, side: str, args: argparse.Namespace, project: Path) -> d
 
 
 def table(rows: list[dict]) -> str:
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for row in rows:
-        cells = []
-        for k in keys:
-            v = row.get(k, "")
-            cells.append(f"{100 * v:.1f}" if "mAP" in k and isinstance(v, float) else
-                         f"{v:.2f}" if k == "train img/s" else f"{v:.1f}" if isinstance(v, float) else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(rows, lambda k, v: f"{100 * v:.1f}" if "mAP" in k and isinstance(v, float)
+                          else f"{v:.2f}" if k == "train img/s" else f"{v:.1f}" if isinstance(v, float) else str(v))
 
 
 def main() -> None:

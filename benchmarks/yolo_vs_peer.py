@@ -381,13 +381,9 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 
 def table(rows: list[dict]) -> str:
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|---|" + "---:|" * (len(keys) - 1)]
-    for row in rows:
-        cells = [f"{100 * v:.1f}" if "mAP" in k else f"{v:.2f}" if isinstance(v, float) else str(v)
-                 for k, v in row.items()]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    from _markdown import markdown_table  # benchmarks/_markdown.py
+    return markdown_table(rows, lambda k, v: f"{100 * v:.1f}" if "mAP" in k else f"{v:.2f}" if isinstance(v, float)
+                          else str(v), right_align=True)
 
 
 def setup_line(args: argparse.Namespace, data_yaml: Path, measured: dict) -> str:
