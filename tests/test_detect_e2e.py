@@ -1,5 +1,5 @@
 """Detection end to end through the command line: train -> eval -> predict (tiny settings)."""
-import json
+from _detect_cli import train_eval_predict
 
 from cvforge.cli import main
 
@@ -17,20 +17,15 @@ def _train(tmp_path, model, *extra):
 
 def test_yolo_train_eval_predict(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    weights = _train(tmp_path, "yolo-n", "--ema", "true", "--optimizer", "adamw", "--lr", "0.001")
-    run = weights.parent.parent
-    header = (run / "metrics.csv").read_text().splitlines()[0]
-    assert "metrics/mAP50-95" in header and "metrics/mAP50" in header
-    assert (run / "plots" / "pr_curves.png").exists() and (run / "plots" / "confusion_matrix.png").exists()
-    assert main(["eval", "--weights", str(weights), "--data", TINY, "--device", "cpu", "--out", str(tmp_path / "ev")]) == 0
-    assert "mAP50-95" in capsys.readouterr().out
     from cvforge.data import build_dataset
     image = build_dataset(TINY, "val", "detect").samples[0].image
-    assert main(["predict", "--weights", str(weights), str(image), "--out", str(tmp_path / "pred"),
-                 "--device", "cpu"]) == 0
-    results = json.loads((tmp_path / "pred" / "coco_results.json").read_text())
-    assert isinstance(results, list) and all(len(r["bbox"]) == 4 for r in results)
-    assert (tmp_path / "pred" / "images").is_dir() and list((tmp_path / "pred" / "labels").glob("*.txt"))
+    written = train_eval_predict(tmp_path, capsys, "detect", "yolo-n", TINY, image,
+                                 "--ema", "true", "--optimizer", "adamw", "--lr", "0.001")
+    assert "metrics/mAP50-95" in written["header"] and "metrics/mAP50" in written["header"]
+    plots = written["run"] / "plots"
+    assert (plots / "pr_curves.png").exists() and (plots / "confusion_matrix.png").exists()
+    assert "mAP50-95" in written["eval"]
+    assert list((written["pred"] / "labels").glob("*.txt"))
 
 
 def test_yolov1_trains_from_the_cli(tmp_path, monkeypatch):

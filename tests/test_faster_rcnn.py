@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from _detect_cli import train_eval_predict
 from PIL import Image, ImageDraw
 
 from cvforge import zoo
-from cvforge.cli import main
 
 TINY = "shapes:train=8,val=4,size=64,seed=3"
 SMALL = {"backbone": "resnet18", "imgsz": 64, "hidden": 64, "fpn_channels": 32}
@@ -105,24 +105,6 @@ def write_polygon_coco(root, images: int = 10, size: int = 64, seed: int = 0):
             picture.save(root / "images" / name)
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
     return root
-
-
-def train_eval_predict(tmp_path, capsys, task: str, model: str, data: str, image) -> dict:
-    """``cvforge train`` (1 epoch, 64 px), ``eval`` and ``predict`` on one image; returns what they wrote."""
-    runs = tmp_path / "runs"
-    assert main(["train", "--task", task, "--model", model, "--data", data, "--epochs", "1", "--imgsz", "64",
-                 "--batch", "4", "--workers", "0", "--device", "cpu", "--project", str(runs)]) == 0
-    weights = runs / "train" / "weights" / "best.pt"
-    header = (runs / "train" / "metrics.csv").read_text().splitlines()[0]
-    capsys.readouterr()
-    assert main(["eval", "--weights", str(weights), "--data", data, "--device", "cpu",
-                 "--out", str(tmp_path / "ev")]) == 0
-    printed = capsys.readouterr().out
-    assert main(["predict", "--weights", str(weights), str(image), "--out", str(tmp_path / "pred"),
-                 "--device", "cpu"]) == 0
-    results = json.loads((tmp_path / "pred" / "coco_results.json").read_text())
-    assert all(len(r["bbox"]) == 4 for r in results) and (tmp_path / "pred" / "images").is_dir()
-    return {"header": header, "eval": printed, "pred": tmp_path / "pred"}
 
 
 def test_cli_on_the_builtin_data_set(tmp_path, capsys, monkeypatch):

@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from _detect_cli import train_eval_predict
 from PIL import Image
-from test_faster_rcnn import train_eval_predict, write_polygon_coco
+from test_faster_rcnn import write_polygon_coco
 
 from cvforge import zoo
 from cvforge.errors import CvforgeError

@@ -1,9 +1,9 @@
 """R-CNN, SPPNet and Fast R-CNN end to end: forward/backward edge cases, and training from the command line
 on a tiny shapes copy and on a VOC-format data set the test writes, evaluated with the shared evaluator."""
-import json
 
 import pytest
 import torch
+from _detect_cli import train_eval_predict
 
 from cvforge.cli import main
 from cvforge.zoo import build_model
@@ -67,18 +67,12 @@ def _train(tmp_path, model, data=TINY, *extra):
 
 
 def test_fast_rcnn_train_eval_predict(tmp_path, capsys):
-    weights = _train(tmp_path, "fast_rcnn")
-    header = (weights.parent.parent / "metrics.csv").read_text().splitlines()[0]
-    assert "metrics/mAP50-95" in header and "train/cls" in header and "train/box" in header
-    assert main(["eval", "--weights", str(weights), "--data", TINY, "--device", "cpu",
-                 "--out", str(tmp_path / "ev")]) == 0
-    assert "mAP50-95" in capsys.readouterr().out
     from cvforge.data import build_dataset
     image = build_dataset(TINY, "val", "detect").samples[0].image
-    assert main(["predict", "--weights", str(weights), str(image), "--out", str(tmp_path / "pred"),
-                 "--device", "cpu"]) == 0
-    results = json.loads((tmp_path / "pred" / "coco_results.json").read_text())
-    assert isinstance(results, list) and all(len(r["bbox"]) == 4 for r in results)
+    written = train_eval_predict(tmp_path, capsys, "detect", "fast_rcnn", TINY, image, batch=2)
+    header = written["header"]
+    assert "metrics/mAP50-95" in header and "train/cls" in header and "train/box" in header
+    assert "mAP50-95" in written["eval"]
 
 
 def test_losses_reach_the_right_parts():
