@@ -7,11 +7,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from _checkpoints import save_as_checkpoint
 from PIL import Image
 
 from cvforge.cli import main
-from cvforge.config import TrainConfig
-from cvforge.engine.checkpoint import FORMAT
 from cvforge.export import PARITY_TOLERANCE, export_onnx, load_onnx
 from cvforge.zoo import build_model
 
@@ -26,10 +25,7 @@ def checkpoint(tmp_path_factory):
     for layer in [model.head.score, *model.skip_scores]:
         torch.nn.init.normal_(layer.weight, std=0.05)
     path = tmp_path_factory.mktemp("export") / "best.pt"
-    config = TrainConfig(task="segment", model="fcn8s", imgsz=64)
-    torch.save({"format": FORMAT, "model": model.state_dict(), "model_spec": model.cvforge_spec,
-                "class_names": CLASSES, "train_config": config.to_dict()}, path)
-    return path
+    return save_as_checkpoint(path, model, CLASSES, imgsz=64)
 
 
 def test_export_matches_pytorch_and_stores_metadata(checkpoint, capsys):

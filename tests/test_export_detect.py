@@ -9,11 +9,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from _checkpoints import save_as_checkpoint
 from PIL import Image
 
 from cvforge.cli import main
-from cvforge.config import TrainConfig
-from cvforge.engine.checkpoint import FORMAT
 from cvforge.export import PARITY_TOLERANCE, export_onnx, load_onnx
 from cvforge.zoo import build_model
 
@@ -29,10 +28,7 @@ def save_detector(path, name: str, imgsz: int, **kwargs):
         torch.nn.init.normal_(layer.weight, std=0.05)
     if name == "yolov1":  # positive confidences and class probabilities, so some products pass conf
         torch.nn.init.uniform_(model.head[-1].bias, 0.1, 0.6)
-    config = TrainConfig(task="detect", model=name, imgsz=imgsz)
-    torch.save({"format": FORMAT, "model": model.state_dict(), "model_spec": model.cvforge_spec,
-                "class_names": CLASSES, "train_config": config.to_dict()}, path)
-    return path
+    return save_as_checkpoint(path, model, CLASSES, imgsz)
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from _checkpoints import save_as_checkpoint
 from PIL import Image
 
 from cvforge.cli import main
-from cvforge.config import TrainConfig
-from cvforge.engine.checkpoint import FORMAT
 from cvforge.zoo import build_model
 
 CLASSES = ["disc", "bar", "star"]
@@ -28,10 +27,7 @@ def weights(tmp_path_factory):
         torch.nn.init.normal_(branch[-1].weight, std=0.05)
         torch.nn.init.constant_(branch[-1].bias, -1.0)
     path = tmp_path_factory.mktemp("video") / "best.pt"
-    config = TrainConfig(task="detect", model="yolo-n", imgsz=64)
-    torch.save({"format": FORMAT, "model": model.state_dict(), "model_spec": model.cvforge_spec,
-                "class_names": CLASSES, "train_config": config.to_dict()}, path)
-    return path
+    return save_as_checkpoint(path, model, CLASSES, imgsz=64)
 
 
 def write_clip(path):
