@@ -59,9 +59,16 @@ def predictions_grid(weights: Path, spec: str, path: Path, count: int = 16) -> P
     return save_grid([draw_detections(image, r["detections"]) for image, r in zip(images, records)], path)
 
 
+def best_epoch_metrics(result) -> dict[str, float]:
+    """The validation metrics (metrics.csv's ``metrics/*`` columns) of the epoch best.pt was saved at."""
+    key = f"metrics/{result.metric}"
+    row = next(r for r in result.history if r.get(key) == result.best_metric)
+    return {k.removeprefix("metrics/"): v for k, v in row.items() if k.startswith("metrics/")}
+
+
 def demo(spec: str = "shapes", epochs: int = DEMO_EPOCHS, project: Path = Path("runs/demo"), **options) -> int:
     """Steps 1-3 of the module docstring; ``options`` go to ``cvforge.train`` (e.g. batch=32)."""
-    from cvforge.api import evaluate, train
+    from cvforge.api import train
     from cvforge.predict import format_eval
     print(f"cvforge demo: the built-in data set {spec!r}")
     _, stats = check(spec, "detect")
@@ -75,7 +82,7 @@ def demo(spec: str = "shapes", epochs: int = DEMO_EPOCHS, project: Path = Path("
         return 130
     minutes = (time.perf_counter() - start) / 60
     weights = result.best or result.last
-    metrics = evaluate(weights, data=spec, out=result.save_dir / "plots", quiet=True)
+    metrics = best_epoch_metrics(result)  # the training's own validation of best.pt (plots drawn already)
     print(format_eval(metrics))
     preview(spec, result.save_dir / "data_preview.png")
     shown = predictions_grid(weights, spec, result.save_dir / "predictions.png")
