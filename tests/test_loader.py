@@ -177,3 +177,41 @@ def test_bad_options():
 def test_persistent_workers_only_with_workers():
     assert not make(0, persistent_workers=True).persistent_workers
     assert make(2, persistent_workers=True).persistent_workers
+
+
+class DetectDataset(Dataset):
+    """Detection samples with 0-3 boxes each; odd indices have another image size (no stacking then)."""
+
+    def __len__(self) -> int:
+        return 7
+
+    def __getitem__(self, index: int):
+        n, width = index % 4, 6 if index % 2 else 5
+        boxes = tv_tensors.BoundingBoxes(torch.rand(n, 4) * 4, format="XYXY", canvas_size=(4, width))
+        image = tv_tensors.Image(torch.randint(0, 255, (3, 4, width), dtype=torch.uint8))
+        return image, {"boxes": boxes, "labels": torch.arange(n), "image_id": torch.tensor(index)}
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_detect_batches_from_workers_equal_in_process_ones(batch_size):
+    """Workers send a batch packed (one tensor per key); the loop gets the lists collate_detect makes."""
+    def batches(workers):
+        loader = build_loader(DetectDataset(), "detect", batch_size=batch_size, shuffle=True, num_workers=workers)
+        return epoch_batches(loader, epoch=0)
+    serial, parallel = batches(0), batches(2)
+    assert len(serial) == len(parallel) == -(-7 // batch_size)
+    for (images_a, targets_a), (images_b, targets_b) in zip(serial, parallel):
+        assert isinstance(images_b, list) and isinstance(targets_b, list) and len(images_b) == len(images_a)
+        for image_a, image_b, target_a, target_b in zip(images_a, images_b, targets_a, targets_b):
+            assert torch.equal(image_a, image_b) and target_a.keys() == target_b.keys()
+            assert all(torch.equal(target_a[k], target_b[k]) for k in target_a)
+            assert target_b["image_id"].dim() == 0 and target_b["boxes"].shape[1:] == (4,)
+
+
+def test_pack_keeps_what_cannot_share_a_tensor():
+    from cvforge.data.loader import PackedTensors, pack
+    mixed = [torch.zeros(2, 4), torch.zeros(3, 5)]
+    assert pack(mixed) is mixed
+    packed = pack([torch.ones(2, 4), torch.zeros(0, 4), torch.ones(1, 4)])
+    assert isinstance(packed, PackedTensors) and packed.lengths == [2, 0, 1]
+    assert [t.shape[0] for t in packed.unpack()] == [2, 0, 1]

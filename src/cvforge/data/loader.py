@@ -31,11 +31,12 @@ from __future__ import annotations
 import math
 import random
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from cvforge.data.dataset import IGNORE, TASKS
 from cvforge.errors import CvforgeError
@@ -163,7 +164,7 @@ class SeededLoader(DataLoader):
         sampler = self.sampler
         for batch in super().__iter__():
             sampler.advance(self.batch_size)
-            yield batch
+            yield unpack_batch(batch)
 
 
 def _plain(tensor: Any) -> Any:
@@ -193,9 +194,67 @@ def collate_segment(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tenso
 
 
 def collate_detect(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """-> (list of uint8 [3, H_i, W_i], list of target dicts as plain tensors); sizes may differ."""
+    """-> (list of uint8 [3, H_i, W_i], list of target dicts as plain tensors); sizes may differ.
+
+    In a worker process the lists leave packed (``PackedTensors``) and ``SeededLoader`` unpacks them."""
     images = [_plain(image) for image, _ in batch]
     targets = [{key: _plain(value) for key, value in target.items()} for _, target in batch]
+    if get_worker_info() is None:
+        return images, targets
+    return pack(images), _pack_targets(targets)
+
+
+# ------------------------------------------------------------------------------- worker -> main transfer
+# Every tensor a worker sends to the main process travels as its own shared-memory segment and file
+# descriptor. A detection batch of 8 images has ~50 of them (boxes, labels, flags and id per image),
+# and receiving them cost the main process 2-3x more than the images themselves (BENCHMARKS.md, data
+# loading). Packed, a batch crosses as one tensor per key; unpacking makes views, no copies.
+
+@dataclass
+class PackedTensors:
+    """Tensors that agree in dtype and trailing shape, concatenated along dim 0 (``lengths`` = each one's
+    first dim) or, for 0-dim tensors or equal shapes, stacked (``lengths`` None)."""
+
+    data: torch.Tensor
+    lengths: list[int] | None
+
+    def unpack(self) -> list[torch.Tensor]:
+        return list(self.data.unbind(0) if self.lengths is None else self.data.split(self.lengths))
+
+    def pin_memory(self) -> PackedTensors:  # DataLoader(pin_memory=True) calls this on batch elements
+        return PackedTensors(self.data.pin_memory(), self.lengths)
+
+
+def pack(tensors: list[torch.Tensor]) -> PackedTensors | list[torch.Tensor]:
+    """A list of tensors as one ``PackedTensors`` where they can share one tensor, else unchanged."""
+    first = tensors[0] if tensors else None
+    if first is None or any(t.dtype != first.dtype or t.dim() != first.dim() or t.shape[1:] != first.shape[1:]
+                            for t in tensors):
+        return tensors
+    if first.dim() == 0 or all(t.shape == first.shape for t in tensors):
+        return PackedTensors(torch.stack(tensors), None)
+    return PackedTensors(torch.cat(tensors), [len(t) for t in tensors])
+
+
+def _pack_targets(targets: list[dict[str, Any]]) -> dict[str, Any] | list[dict[str, Any]]:
+    """A list of target dicts with the same tensor keys -> {key: packed values}; anything else unchanged."""
+    keys = set(targets[0]) if targets else set()
+    if not keys or any(set(t) != keys or not all(isinstance(v, torch.Tensor) for v in t.values()) for t in targets):
+        return targets
+    return {key: pack([t[key] for t in targets]) for key in targets[0]}
+
+
+def unpack_batch(batch: Any) -> Any:
+    """The inverse of the worker-side packing: (images, targets) as ``collate_detect`` returns them in
+    the main process. Batches of other tasks pass unchanged."""
+    if not (isinstance(batch, tuple) and len(batch) == 2):
+        return batch
+    images, targets = batch
+    if isinstance(images, PackedTensors):
+        images = images.unpack()
+    if isinstance(targets, dict) and targets and all(isinstance(v, (PackedTensors, list)) for v in targets.values()):
+        columns = {key: value.unpack() if isinstance(value, PackedTensors) else value for key, value in targets.items()}
+        targets = [dict(zip(columns, row)) for row in zip(*columns.values(), strict=True)]
     return images, targets
 
 
