@@ -60,11 +60,13 @@ class YOLO(nn.Module):
             self.input_size.fill_(size)
             x, boxes = letterbox_batch(images, size, [t["boxes"] for t in targets], self.input_size.device)
             raw = self.forward_raw(x)
-            return self.loss(raw, self.anchors(size, raw), [{**t, "boxes": b} for t, b in zip(targets, boxes)])
+            with float32(raw):
+                return self.loss(raw, self.anchors(size, raw), [{**t, "boxes": b} for t, b in zip(targets, boxes)])
         size = int(self.input_size)
         x, _ = letterbox_batch(images, size, None, self.input_size.device)
         raw = self.forward_raw(x)
-        return self.postprocess(raw, size, [tuple(image.shape[-2:]) for image in images])
+        with float32(raw):
+            return self.postprocess(raw, size, [tuple(image.shape[-2:]) for image in images])
 
     def forward_raw(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised float [B, 3, S, S] -> raw head outputs [B, A, 4 * reg_max + C] (what ONNX exports)."""
@@ -108,6 +110,13 @@ class YOLO(nn.Module):
         from cvforge.data.mosaic import MosaicDataset, MosaicSwitch
         mosaic = MosaicDataset(dataset, config.imgsz)
         return mosaic, [MosaicSwitch(mosaic, config.epochs - self.close_mosaic)]
+
+
+def float32(like: torch.Tensor) -> torch.autocast:
+    """A context in which AMP is off: mixed precision is for the network; box decoding, the assigner and
+    the losses need float32: under bfloat16 autocast the expected distance (softmax @ bins, a matmul) is
+    off by up to 1/16 of a bin (2 px at stride 32), and the assigner ranks anchors by IoU^6 of those boxes."""
+    return torch.autocast(like.device.type, enabled=False)
 
 
 def letterbox_batch(images: Any, size: int, boxes: list[torch.Tensor] | None = None,

@@ -28,7 +28,7 @@ from torch import nn
 from torchvision.ops import batched_nms
 
 from cvforge.boxes import paired_iou, unletterbox
-from cvforge.models.detection.yolo import letterbox_batch
+from cvforge.models.detection.yolo import float32, letterbox_batch
 
 
 def conv(c_in: int, c_out: int, kernel: int = 3) -> nn.Sequential:
@@ -81,9 +81,10 @@ class YOLOv1(nn.Module):
             self.input_size.fill_(max(max(image.shape[-2:]) for image in images))
         x, moved = letterbox_batch(images, self.imgsz, boxes, self.input_size.device)
         out = self.forward_raw(x)
-        if self.training:
-            return self.loss(out, moved, [t["labels"] for t in targets])
-        return self.postprocess(out, [tuple(image.shape[-2:]) for image in images])
+        with float32(out):  # AMP computes the network; the loss and decoding stay float32
+            if self.training:
+                return self.loss(out, moved, [t["labels"] for t in targets])
+            return self.postprocess(out, [tuple(image.shape[-2:]) for image in images])
 
     def forward_raw(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [0, 1] -> [B, S, S, 5B + C]: per cell B x (x, y, sqrt w, sqrt h, conf), then C probs."""
