@@ -19,6 +19,11 @@ def test_no_options_train_the_default_detector_with_its_recipe():
     assert config.imgsz == 64  # the data's own size, not the recipe's 640
 
 
+def test_yolov1_input_is_a_multiple_of_its_grid_times_stride():
+    # 64-px images: YOLOv1's 7 x 7 grid over stride-16 features needs a multiple of 112 (exact pooling, ONNX)
+    assert resolve_config({"data": TINY, "model": "yolov1"}).imgsz == 112
+
+
 def test_user_options_win_over_the_recipe():
     config = resolve_config({"data": TINY, "lr": 0.1, "optimizer": "sgd", "imgsz": 96})
     assert (config.lr, config.optimizer, config.imgsz) == (0.1, "sgd", 96)

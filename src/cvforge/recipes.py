@@ -32,6 +32,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 DATA_SIZED_TASKS = ("segment", "detect", "instance")
 SIZE_STEP = 32  # every detector's and FCN's largest stride
+# Families whose input side must be a multiple of more: YOLOv1 pools its stride-16 features to a 7 x 7 grid,
+# exactly (and exportable to ONNX) only when the side is a multiple of 16 * 7.
+SIZE_STEPS = {"yolov1": 112}
 
 
 def recipe_for(model: str) -> dict[str, Any]:
@@ -47,7 +50,8 @@ def resolve_config(options: dict[str, Any]) -> TrainConfig:
     recipe = recipe_for(model)
     values = {**recipe, **options, "task": task, "model": model}
     if "imgsz" not in options and task in DATA_SIZED_TASKS:
-        values["imgsz"] = data_imgsz(given.data, task, recipe.get("imgsz", TrainConfig.imgsz))
+        step = next((n for prefix, n in SIZE_STEPS.items() if model.startswith(prefix)), SIZE_STEP)
+        values["imgsz"] = data_imgsz(given.data, task, recipe.get("imgsz", TrainConfig.imgsz), step=step)
     return TrainConfig.from_dict(values)
 
 
@@ -67,15 +71,15 @@ def _task_of(model: str, data: str) -> str:
     return resolve(data).default_task()
 
 
-def data_imgsz(data: str, task: str, largest: int, probe: int = 64) -> int:
-    """The median longer side of up to ``probe`` training images, rounded up to a multiple of 32 and
+def data_imgsz(data: str, task: str, largest: int, probe: int = 64, step: int = SIZE_STEP) -> int:
+    """The median longer side of up to ``probe`` training images, rounded up to a multiple of ``step`` and
     capped at ``largest`` (read from the image headers only)."""
     from cvforge.data import build_dataset
     from cvforge.data.io import image_size
     samples = build_dataset(data, "train", task).samples
-    step = max(1, len(samples) // probe)
-    sides = [max(image_size(sample.image)) for sample in samples[::step][:probe]]
+    stride = max(1, len(samples) // probe)
+    sides = [max(image_size(sample.image)) for sample in samples[::stride][:probe]]
     if not sides:
         return largest
-    side = -(-int(statistics.median(sides)) // SIZE_STEP) * SIZE_STEP
-    return max(SIZE_STEP, min(largest, side))
+    side = -(-int(statistics.median(sides)) // step) * step
+    return max(step, min(largest, side))
