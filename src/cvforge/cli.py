@@ -121,17 +121,40 @@ def _eval_predict_parsers(sub) -> None:
     export.add_argument("--imgsz", type=int, help="side of the example input (default: the training imgsz)")
     export.add_argument("--out", type=Path, help="output file (default: the weights' path with .onnx)")
     export.add_argument("--opset", type=int, default=17)
-    models = sub.add_parser("models", help="list the models cvforge can build")
+
+
+def _bench_models_parsers(sub) -> None:
+    from cvforge.bench import DEFAULT_BUDGET, DEFAULT_MODELS
+    models = sub.add_parser("models", help="list the models cvforge can build, with parameters and FLOPs")
     models.add_argument("--task", choices=("classify", "segment", "detect", "instance"))
+    models.add_argument("--imgsz", type=int, help="input side for the FLOPs (default: 224 classify, 512 segment, "
+                                                  "640 detect and instance)")
+    bench = sub.add_parser("bench", help="train detectors under one time budget and compare accuracy and speed",
+                           epilog="Running the same command again (same --out, or --resume) skips finished models "
+                                  "and resumes an unfinished training.")
+    bench.add_argument("--data", default="shapes", help="data SPEC (default: the built-in shapes)")
+    bench.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated (default: %(default)s)")
+    bench.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="minutes of training per model "
+                                                                           "(default: %(default)s)")
+    bench.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
+                       help="use these weights for model NAME instead of training it (repeatable)")
+    bench.add_argument("--out", help="the bench folder (an existing one is continued; default: a new "
+                                     "PROJECT/bench-N)")
+    bench.add_argument("--project", default="runs/bench")
+    bench.add_argument("--resume", action="store_true", help="continue the newest bench under --project")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--repeats", type=int, default=10, help="timed calls per inference setting")
+    bench.add_argument("--seed", type=int, default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvforge", description="Train, evaluate, run and export vision models.")
     parser.add_argument("--version", action="version", version=f"cvforge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="train|eval|predict|export|data|models|demo")
+                                metavar="train|eval|predict|export|bench|data|models|demo")
     _train_parser(sub)
     _eval_predict_parsers(sub)
+    _bench_models_parsers(sub)
     _data_parser(sub)
     sub.add_parser("demo", help="the README's first command: show the built-in data set")
     return parser
@@ -202,11 +225,35 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from cvforge.zoo import list_models
-    for name, task in list_models(args.task):
-        print(f"{task:<9} {name}")
+    """The listed models with parameters and GFLOPs (``cvforge.complexity.model_table``)."""
+    from cvforge.complexity import TABLE_CLASSES, model_table
+    if args.imgsz is not None and args.imgsz < 32:
+        raise CvforgeError(f"--imgsz must be at least 32, got {args.imgsz}", None, "pass e.g. --imgsz 224")
+    print(f"{'task':<9} {'model':<19} {'params (M)':>10} {'GFLOPs':>9} {'imgsz':>6}  note")
+    for row in model_table(args.task, args.imgsz):
+        print(f"{row['task']:<9} {row['model']:<19} {row['params'] / 1e6:>10.2f} {row['flops'] / 1e9:>9.2f} "
+              f"{row['imgsz']:>6}  {row['note']}")
     if args.task in (None, "classify"):
         print("classify  (any other torchvision classification model name works too)")
+    classes = ", ".join(f"{n} {t}" for t, n in TABLE_CLASSES.items() if args.task in (None, t))
+    print(f"GFLOPs: one eval forward of one image, a multiply-add counted as 2 (torch FlopCounterMode); "
+          f"untrained heads for {classes} classes")
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from cvforge.bench import bench
+    weights = {}
+    for item in args.weights:
+        name, _, path = item.partition("=")
+        if not name or not path:
+            raise CvforgeError(f"--weights {item!r} is not NAME=PATH", None, "write e.g. --weights yolo-n=best.pt")
+        weights[name] = path
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    folder = bench(models, args.data, args.budget, weights=weights, out=args.out, project=args.project,
+                   resume=args.resume, device=args.device, repeats=args.repeats, seed=args.seed)
+    print((folder / "bench.md").read_text())
+    print(f"wrote {folder / 'bench.csv'}, {folder / 'bench.md'} and {folder / 'plots'}")
     return 0
 
 
@@ -216,7 +263,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": run_train, "eval": run_eval, "predict": run_predict, "export": run_export, "models": run_models,
-            "data": run_data, "demo": run_demo}
+            "bench": run_bench, "data": run_data, "demo": run_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

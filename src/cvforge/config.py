@@ -38,6 +38,9 @@ class TrainConfig:
     model_args: dict = field(default_factory=dict)
     data: str = "shapes"  # a data SPEC (DESIGN §4)
     epochs: int = 30
+    # minutes for the whole run (training + validation); > 0: after the first epoch the number of epochs
+    # becomes what fits (at least 1; --epochs is then ignored) and the schedule is fitted to it
+    time: float = 0.0
     imgsz: int = 224
     batch: int = 16  # images per optimizer micro-step over all processes (split across --devices)
     workers: int = 2
@@ -79,7 +82,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise CvforgeError(f"{name} must be at least 1, got {getattr(self, name)}", None,
                                    f"pass --{name} 1 or more")
-        for name in ("workers", "patience", "save_period", "lr", "weight_decay", "grad_clip", "warmup_epochs"):
+        for name in ("workers", "patience", "save_period", "lr", "weight_decay", "grad_clip", "warmup_epochs",
+                     "time"):
             if getattr(self, name) < 0:
                 raise CvforgeError(f"{name} must not be negative, got {getattr(self, name)}", None,
                                    f"pass --{name} 0 or more")

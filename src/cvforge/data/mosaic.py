@@ -5,7 +5,7 @@ small batch sees many objects and backgrounds. Real images never look like that,
 mosaic off for the last epochs (``MosaicSwitch``) and lets the model settle on whole images.
 
     mosaic = MosaicDataset(train_set, imgsz)        # train_set keeps its own transforms
-    trainer = Trainer(..., mosaic, ..., callbacks=[MosaicSwitch(mosaic, off_from_epoch=epochs - 10)])
+    trainer = Trainer(..., mosaic, ..., callbacks=[MosaicSwitch(mosaic, last_epochs=10)])
 
 How one sample is made: the four images (sample i and three drawn at random) are scaled so their
 longer side is ``imgsz`` and placed with a corner at a random centre of a 2*imgsz canvas (grey
@@ -115,11 +115,12 @@ def _per_box(target: dict, key: str, n: int) -> torch.Tensor:
 
 
 class MosaicSwitch:
-    """Trainer callback: mosaic on before epoch ``off_from_epoch`` (0-based), off from it on (also
-    right after a resume). Workers get the new setting when the next epoch starts them."""
+    """Trainer callback: mosaic off for the run's ``last_epochs`` epochs, on before (also right after a
+    resume). The run's length is read when it is needed: a time budget sets it after the first epoch.
+    Workers get the new setting when the next epoch starts them."""
 
-    def __init__(self, dataset: MosaicDataset, off_from_epoch: int):
-        self.dataset, self.off_from_epoch = dataset, off_from_epoch
+    def __init__(self, dataset: MosaicDataset, last_epochs: int):
+        self.dataset, self.last_epochs = dataset, last_epochs
 
     def on_train_start(self, trainer: Any) -> None:
         self._set(trainer)
@@ -128,7 +129,7 @@ class MosaicSwitch:
         self._set(trainer)
 
     def _set(self, trainer: Any) -> None:
-        enabled = trainer.epoch < self.off_from_epoch
+        enabled = trainer.epoch < trainer.config.epochs - self.last_epochs
         if enabled != self.dataset.enabled:
             self.dataset.enabled = enabled
             # persistent workers hold a copy of the data set: drop them so the next epoch starts fresh ones

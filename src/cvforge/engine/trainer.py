@@ -16,6 +16,12 @@ boundary the loop saves ``last.pt`` (mid-epoch, with the sampler position and RN
 from ``last.pt`` reproduces the uninterrupted run bit for bit: data order and augmentation come from
 the ``SeededSampler`` position, everything else from the checkpoint.
 
+A time budget (``config.time`` minutes) sets the number of epochs after the first one: as many as fit,
+counting validation (at least 1), with the schedule fitted to them so that cosine still ends at its floor.
+A first epoch that alone would overrun the budget ends where the budget is spent, with the schedule
+fitted to the steps it got, so a slow model trains for the same time as a fast one. The epochs found are
+saved in the config like any other setting, so a resumed run keeps them.
+
 Callbacks are objects with any of ``on_train_start(trainer)``, ``on_step_end(trainer)``,
 ``on_epoch_end(trainer, metrics)``, ``on_train_end(trainer, result)``; they run on every rank.
 """
@@ -24,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import dataclasses
 import functools
 import io
 import math
@@ -112,7 +119,8 @@ class Trainer:
         self.save_dir: Path | None = None
         self._sums, self._pending_rng, self._signals = _epoch_sums(), None, StopSignals()
         self._window_bad = self._stop_now = False
-        self._shown = 0.0
+        self._shown = self._val_seconds = 0.0
+        self._cut_at = 0  # batch at which a time budget ended the first epoch (0: not cut)
         seed_everything(config.seed + self.rank)  # the training stream (dropout, ...), apart from model init
 
     # ----------------------------------------------------------------------- setup
@@ -131,14 +139,20 @@ class Trainer:
         config = self.config
         self.optimizer = build_optimizer(self.raw_model, config)
         self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        steps = math.ceil(self.batches_per_epoch / config.accumulate)
-        factor = LRFactor(config.scheduler, config.epochs * steps, round(config.warmup_epochs * steps))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self._steps_per_epoch = math.ceil(self.batches_per_epoch / config.accumulate)
+        self.lr_factor = LRFactor(config.scheduler, *self._schedule(config.epochs * self._steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         amp = config.amp if config.amp is not None else self.device.type == "cuda"
         dtype = (torch.float16 if self.device.type == "cuda" else torch.bfloat16) if amp else None
         self._autocast = (functools.partial(torch.autocast, self.device.type, dtype=dtype) if dtype
                           else contextlib.nullcontext)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
+
+    def _schedule(self, steps: int) -> tuple[int, int]:
+        """(optimizer steps, warm-up steps) of a schedule over ``steps``; under a time budget the warm-up
+        takes at most half of the run, which the budget may have made shorter than the warm-up."""
+        warmup = round(self.config.warmup_epochs * self._steps_per_epoch)
+        return steps, min(warmup, steps // 2) if self.config.time else warmup
 
     def _loader(self, data: Any, train: bool) -> Any:
         config = self.config
@@ -244,7 +258,9 @@ class Trainer:
             self.weights_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(self.weights_dir)
             self.config.save_yaml(self.save_dir / "config.yaml")
-            self._log(f"training {self.config.task} for {self.config.epochs} epochs on {self.device} "
+            length = (f"a time budget of {self.config.time:g} min" if self._budget_open() else
+                      f"{self.config.epochs} epochs")
+            self._log(f"training {self.config.task} for {length} on {self.device} "
                       f"({self.world_size} process(es)), results in {self.save_dir}")
 
     def _train_epoch(self) -> bool:
@@ -253,7 +269,8 @@ class Trainer:
         self.model.train()
         started = time.perf_counter() - self._sums["seconds"]
         bar = tqdm(total=self.batches_per_epoch, initial=self.batch_in_epoch, leave=False, dynamic_ncols=True,
-                   desc=f"epoch {self.epoch + 1}/{self.config.epochs}", disable=not self.is_main)
+                   desc=f"epoch {self.epoch + 1}/{'?' if self._budget_open() else self.config.epochs}",
+                   disable=not self.is_main)
         try:
             for images, targets in self.train_loader:
                 self._forward_backward(images, targets)
@@ -266,10 +283,54 @@ class Trainer:
                 self._call("on_step_end")
                 if self._stop_now or (self.world_size == 1 and self._signals.requested):
                     return False
+                if self._budget_spent() and self.batch_in_epoch < self.batches_per_epoch:
+                    self._cut_at = self.batch_in_epoch
+                    break
         finally:
             bar.close()
         return True
 
+    # ----------------------------------------------------------------------- time budget
+    def _budget_open(self) -> bool:
+        """A time-budgeted run whose number of epochs is not set yet (it is at the end of the first)."""
+        return bool(self.config.time) and self.epoch == 0
+
+    def _budget_spent(self) -> bool:
+        """In the first epoch of a time-budgeted run: True once its training has used the whole budget (the
+        epoch ends there). Once a tenth of the budget is spent and the epoch will clearly not fit, the
+        schedule is fitted to the steps the budget allows at the speed so far (rank 0 decides for all)."""
+        if not self._budget_open():
+            return False
+        budget, spent = self.config.time * 60, self._sums["seconds"]
+        projected = spent * self.batches_per_epoch / self.batch_in_epoch
+        fit = spent >= budget / 10 and projected > budget
+        steps = max(1, round(self.global_step * budget / spent)) if fit else 0  # 0: no change
+        steps, over = dist.broadcast_object((steps, spent >= budget))
+        if steps:
+            self._refit_schedule(steps)
+        return over
+
+    def _refit_schedule(self, steps: int) -> None:
+        """The schedule over ``steps`` optimizer steps in all; the next step's lr already follows it."""
+        self.lr_factor.total, self.lr_factor.warmup = self._schedule(steps)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * self.lr_factor(self.scheduler.last_epoch)
+
+    def _fit_to_budget(self, seconds: float) -> None:
+        """After the first epoch (``seconds`` with validation): as many epochs as fit in the budget, at least 1,
+        and the schedule stretched or shrunk to them (the new epochs are saved with the config)."""
+        budget = self.config.time * 60
+        epochs = dist.broadcast_object(max(1, int(budget // max(seconds, 1e-9))))
+        self.config = dataclasses.replace(self.config, epochs=epochs)
+        if not self._cut_at:  # a cut epoch ends the run; its schedule was fitted while it ran
+            self._refit_schedule(epochs * self._steps_per_epoch)
+        if self.is_main:
+            self.config.save_yaml(self.save_dir / "config.yaml")
+        cut = (f", the first cut after {self._cut_at} of {self.batches_per_epoch} batches" if self._cut_at else
+               f", the first took {seconds:.1f} s with validation")
+        self._log(f"time budget {self.config.time:g} min: {epochs} epoch{'s' if epochs > 1 else ''}{cut}")
+
+    # ----------------------------------------------------------------------- one step
     def _forward_backward(self, images: Any, targets: Any) -> None:
         """Forward, backward (scaled by 1/accumulate) and the loss bookkeeping of one batch."""
         images = to_device(images, self.device, self._pin)
@@ -347,6 +408,7 @@ class Trainer:
     @torch.inference_mode()
     def _validate(self) -> dict[str, float]:
         """Metrics of the EMA (or raw) weights on the validation set, on rank 0; ``{}`` elsewhere."""
+        self._val_seconds, started = 0.0, time.perf_counter()
         if self.val_loader is None or self.evaluator is None:
             return {}
         model = self.ema.module if self.ema is not None else self.raw_model
@@ -356,7 +418,9 @@ class Trainer:
             with self._autocast():
                 predictions = model(to_device(images, self.device, self._pin))
             self.evaluator.update(to_device(predictions, "cpu"), targets)
-        return {key: float(value) for key, value in self.evaluator.compute().items()}
+        metrics = {key: float(value) for key, value in self.evaluator.compute().items()}
+        self._val_seconds = time.perf_counter() - started
+        return metrics
 
     # ----------------------------------------------------------------------- end of epoch, saving
     def _end_epoch(self, metrics: dict[str, float]) -> bool:
@@ -364,6 +428,8 @@ class Trainer:
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         row = self._history_row(metrics)
         self.history.append(row)
+        if self.config.time and self.epoch == 1:
+            self._fit_to_budget(row["time"] + self._val_seconds)
         improved = self._track_best(row, metrics)
         if improved and self.is_main:
             save_checkpoint(self.weights_dir / "best.pt", self._checkpoint())

@@ -109,7 +109,7 @@ class YOLO(nn.Module):
         ``close_mosaic`` epochs. Returns (dataset, trainer callbacks)."""
         from cvforge.data.mosaic import MosaicDataset, MosaicSwitch
         mosaic = MosaicDataset(dataset, config.imgsz)
-        return mosaic, [MosaicSwitch(mosaic, config.epochs - self.close_mosaic)]
+        return mosaic, [MosaicSwitch(mosaic, self.close_mosaic)]
 
 
 def float32(like: torch.Tensor) -> torch.autocast:
