@@ -37,6 +37,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -126,7 +127,10 @@ class Trainer:
     # ----------------------------------------------------------------------- setup
     def _setup_model(self, model: nn.Module) -> None:
         # channels_last: conv kernels (oneDNN on CPU, cuDNN tensor cores) run faster on NHWC weights
-        memory_format = torch.channels_last if self.config.channels_last else torch.preserve_format
+        channels_last = self.config.channels_last
+        if channels_last is None:
+            channels_last = self.device.type == "cuda" and self.config.amp is not False
+        memory_format = torch.channels_last if channels_last else torch.preserve_format
         self.raw_model = model.to(self.device, memory_format=memory_format)
         self.model: nn.Module = self.raw_model
         if self.world_size > 1:  # DDP broadcasts rank 0's weights, so every rank starts equal
@@ -382,7 +386,9 @@ class Trainer:
             self.scaler.update()
             if self.ema is not None:
                 self.ema.update(self.raw_model)
-        self.scheduler.step()
+        with warnings.catch_warnings():  # GradScaler skipped an inf float16 step: the schedule goes on anyway
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
         self.global_step += 1
 
     def _diverged(self) -> None:
