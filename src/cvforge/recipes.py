@@ -72,8 +72,8 @@ def _task_of(model: str, data: str) -> str:
 
 
 def data_imgsz(data: str, task: str, largest: int, probe: int = 64, step: int = SIZE_STEP) -> int:
-    """The median longer side of up to ``probe`` training images, rounded up to a multiple of ``step`` and
-    capped at ``largest`` (read from the image headers only)."""
+    """The median longer side of up to ``probe`` training images, rounded up to a multiple of 32, capped at
+    ``largest``, then down to a multiple of ``step`` if that is coarser (read from the image headers only)."""
     from cvforge.data import build_dataset
     from cvforge.data.io import image_size
     samples = build_dataset(data, "train", task).samples
@@ -81,5 +81,5 @@ def data_imgsz(data: str, task: str, largest: int, probe: int = 64, step: int = 
     sides = [max(image_size(sample.image)) for sample in samples[::stride][:probe]]
     if not sides:
         return largest
-    side = -(-int(statistics.median(sides)) // step) * step
-    return max(step, min(largest, side))
+    side = min(largest, -(-int(statistics.median(sides)) // SIZE_STEP) * SIZE_STEP)
+    return max(step, side // step * step)  # a coarser step rounds down: 128-px images -> 112 for YOLOv1, not 224
