@@ -3,7 +3,9 @@
 Per task, ``describe`` turns a model's raw output into plain per-image records, and ``save_records``
 writes them (classification: ``predictions.csv`` and ``predictions.json`` with the top-k classes;
 segmentation: ``masks/<stem>.png`` raw class ids, ``overlays/<stem>.png`` VOC-coloured, ``predictions.json``;
-detection: ``save_detections``; instance: also ``instance_masks/<stem>.png`` and masks drawn). Videos (detection) run frame by frame through ``cvforge.video``.
+detection: ``save_detections``; instance: also ``instance_masks/<stem>.png``, masks drawn, and each
+detection's mask as COCO RLE in ``coco_results.json``). Videos (detection) run frame by frame through
+``cvforge.video``.
 Weights ending in ``.onnx`` (``cvforge export``) run through onnxruntime.
 """
 from __future__ import annotations
@@ -94,8 +96,9 @@ def save_detections(records: list[dict[str, Any]], out: Path, conf: float = 0.25
         frame = {"frame": record["frame"]} if "frame" in record else {}
         for d in record["detections"]:
             x1, y1, x2, y2 = d["box"]
+            mask = {"segmentation": d["segmentation"]} if "segmentation" in d else {}  # instance: COCO RLE
             results.append({"image_id": image_id, "file_name": record["image"], **frame, "category_id": d["label"],
-                            "bbox": [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)], "score": d["score"]})
+                            "bbox": [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)], "score": d["score"], **mask})
         lines = [_yolo_line(d, w, h) for d in record["detections"] if d["score"] >= conf]
         (out / "labels" / f"{stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
     json_path = out / "coco_results.json"
@@ -130,13 +133,16 @@ def _instance_masks(output: dict[str, torch.Tensor]) -> dict[str, Any]:
 def save_instance_masks(records: list[dict[str, Any]], out: Path, conf: float = 0.25) -> None:
     """Per record with "masks": ``instance_masks/<stem>.png``, one byte per pixel, 0 background and k + 1
     where detection k (score >= conf, at most 255) lies, the most confident on top; the record's
-    "masks" array is replaced by the path ("mask_file")."""
+    "masks" array is replaced by the path ("mask_file"), and every detection gets its mask as COCO RLE
+    ("segmentation", ``mask_rles``), which ``save_detections`` writes to ``coco_results.json``."""
     import numpy as np
     (out / "instance_masks").mkdir(parents=True, exist_ok=True)
     for record in records:
         masks = record.pop("masks", None)
         if masks is None:
             continue
+        for detection, rle in zip(record["detections"], mask_rles(masks)):
+            detection["segmentation"] = rle
         ids = np.zeros(masks.shape[1:], dtype=np.uint8)
         scores = [d["score"] for d in record["detections"]]
         for k in reversed(range(min(len(masks), 255))):  # sorted by score: paint the best last
@@ -145,6 +151,18 @@ def save_instance_masks(records: list[dict[str, Any]], out: Path, conf: float = 
         path = out / "instance_masks" / f"{Path(record['image']).stem}.png"
         Image.fromarray(ids).save(path)
         record["mask_file"] = str(path)
+
+
+def mask_rles(masks: Any) -> list[dict[str, Any]]:
+    """uint8 ndarray [K, H, W] of 0/1 masks (the original image's pixels) -> K COCO RLEs {"size": [H, W],
+    "counts": str}, as COCO's results format for segmentation wants them (``pycocotools.mask.encode``,
+    its byte string decoded so that it is JSON)."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+    if len(masks) == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(np.asarray(masks, dtype=np.uint8).transpose(1, 2, 0)))
+    return [{"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")} for rle in rles]
 
 
 def draw_instance_masks(image: torch.Tensor, record: dict[str, Any], conf: float = 0.25, alpha: float = 0.5

@@ -15,6 +15,7 @@ also stride 16), RoIAlign is an option (``pooler="roi_align"``), and proposals c
     model = fast_rcnn(num_classes=5)
     losses = model(images, targets)     # train: {"cls", "box"}; targets may carry "proposals" [N, 4]
     detections = model(images)          # eval: per image {"boxes", "scores", "labels"} in original pixels
+    outputs = model.forward_raw(x, regions)  # the network alone (what ONNX exports): canvas, regions -> scores, deltas
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from cvforge.errors import CvforgeError
 from cvforge.models.backbones import Backbone, Normalize, get_backbone
 from cvforge.models.detection.matching import BalancedSampler, Matcher, sample_regions
 from cvforge.models.detection.proposals import ProposalDataset, build_proposal_source
-from cvforge.models.detection.region_pool import RoIAlign, RoIPool
+from cvforge.models.detection.region_pool import Regions, RoIAlign, RoIPool
 from cvforge.models.detection.roi_head import BoxPredictor, TwoFCHead, fast_rcnn_loss, postprocess
 from cvforge.models.detection.yolo import letterbox_batch
 
@@ -69,9 +70,9 @@ class ProposalDetector(nn.Module):
 
     def prepare(self, images: list[torch.Tensor], targets: list[dict] | None
                 ) -> tuple[torch.Tensor, list[torch.Tensor], list[dict] | None]:
-        """uint8 images [3, H_i, W_i] -> (normalised canvas [B, 3, S, S], proposals per image [N_i, 4] and
-        targets with "boxes", both in canvas pixels). Proposals: ``targets[i]["proposals"]`` when given,
-        else from the proposal source (cached)."""
+        """uint8 images [3, H_i, W_i] -> (letterboxed canvas float [B, 3, S, S] in [0, 1], proposals per image
+        [N_i, 4] and targets with "boxes", both in canvas pixels). Proposals: ``targets[i]["proposals"]`` when
+        given, else from the proposal source (cached). ``forward_raw`` normalises the canvas itself."""
         size, device = int(self.input_size), self.input_size.device
         if targets is not None and all("proposals" in t for t in targets):
             proposals = [t["proposals"] for t in targets]
@@ -82,7 +83,7 @@ class ProposalDetector(nn.Module):
         if targets is not None:
             targets = [{**t, "boxes": to_canvas(t["boxes"].to(device), i.shape[-2:], size)}
                        for t, i in zip(targets, images)]
-        return self.normalize(x), moved, targets
+        return x, moved, targets
 
     def init_region_head(self, in_features: int, hidden: int, num_classes: int, rois_per_image: int,
                          fg_fraction: float, fg_iou: float, bg_low: float, score_thresh: float, nms: float,
@@ -96,20 +97,25 @@ class ProposalDetector(nn.Module):
         self.coder, self.bg_low = BoxCoder(), bg_low
         self.score_thresh, self.nms, self.max_det = score_thresh, nms, max_det
 
-    def classify_regions(self, pool: nn.Module, features: torch.Tensor, proposals: list[torch.Tensor],
-                         targets: list[dict] | None, images: list[torch.Tensor]) -> Any:
-        """Regions pooled by ``pool`` from the feature map -> fc head. Train: on sampled regions, the
-        multi-task loss {"cls", "box"}; eval: on every proposal, detections in original pixels."""
+    def classify_regions(self, x: torch.Tensor, proposals: list[torch.Tensor], targets: list[dict] | None,
+                         images: list[torch.Tensor]) -> Any:
+        """The canvas and its regions through ``forward_raw``. Train: on sampled regions, the multi-task loss
+        {"cls", "box"}; eval: on every proposal, detections in original pixels."""
         if self.training:
             regions, labels, regression_targets = sample_regions(
                 proposals, targets, self.matcher, self.sampler, self.coder, bg_low=self.bg_low)
-            class_logits, box_deltas = self.predictor(self.head(pool(features, regions)))
-            return fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets)
-        class_logits, box_deltas = self.predictor(self.head(pool(features, proposals)))
+            outputs = self.forward_raw(x, regions)
+            return fast_rcnn_loss(outputs["class_logits"], outputs["box_deltas"], labels, regression_targets)
+        outputs = self.forward_raw(x, proposals)
         size = int(self.input_size)
-        detections = postprocess(class_logits, box_deltas, proposals, [(size, size)] * len(images), self.coder,
-                                 self.score_thresh, self.nms, self.max_det)
+        detections = postprocess(outputs["class_logits"], outputs["box_deltas"], proposals,
+                                 [(size, size)] * len(images), self.coder, self.score_thresh, self.nms, self.max_det)
         return self.to_original(detections, images)
+
+    def predict_regions(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pooled regions [R, ...] -> fc6, fc7 -> {"class_logits" [R, C + 1], "box_deltas" [R, 4 (C + 1)]}."""
+        class_logits, box_deltas = self.predictor(self.head(pooled))
+        return {"class_logits": class_logits, "box_deltas": box_deltas}
 
     def to_original(self, detections: list[dict], images: list[torch.Tensor]) -> list[dict]:
         size = int(self.input_size)
@@ -155,8 +161,14 @@ class FastRCNN(ProposalDetector):
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None) -> Any:
         x, proposals, targets = self.prepare(images, targets if self.training else None)
-        features = self.backbone.forward_features(x)
-        return self.classify_regions(self.pool, features, proposals, targets, images)
+        return self.classify_regions(x, proposals, targets, images)
+
+    def forward_raw(self, x: torch.Tensor, regions: Regions) -> dict[str, torch.Tensor]:
+        """The network (what ONNX exports): canvas float [B, 3, S, S] in [0, 1], regions in its pixels
+        (``region_pool``: per image [R_i, 4], or [R, 5] with the image index) -> {"class_logits" [R, C + 1],
+        "box_deltas" [R, 4 (C + 1)]}."""
+        features = self.backbone.forward_features(self.normalize(x))
+        return self.predict_regions(self.pool(features, regions))
 
 
 def fast_rcnn(*, num_classes: int, **kwargs: Any) -> FastRCNN:

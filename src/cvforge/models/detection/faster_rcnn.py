@@ -18,7 +18,8 @@ pooled from the level that suits its size (``torchvision.ops.MultiScaleRoIAlign`
 (eval) returns per image {"boxes" [K, 4] xyxy in the original image's pixels, "scores" [K],
 "labels" [K] 0-based}. images: list of uint8 [3, H_i, W_i] (any sizes) or a uint8 [B, 3, H, W] batch.
 ``input_size`` (a buffer saved with the weights) is the longer side the model last trained at; at
-test each image is resized so that its longer side is ``input_size``.
+test each image is resized so that its longer side is ``input_size``. ``forward_raw(batch, sizes)``, the eval
+network after the resizing (boxes still in input pixels), is what ``cvforge export`` writes to ONNX.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -159,27 +161,51 @@ class FasterRCNN(nn.Module):
         return self.features.backbone
 
     def forward(self, images: Any, targets: list[dict[str, torch.Tensor]] | None = None) -> Any:
-        batch, features, scales, sizes = self.extract(images)
+        batch, scales, sizes = self.resize(images)
         if self.training:
+            features = self.features(self.normalize(batch))
             targets = scale_targets(targets, scales)
             proposals, rpn_losses = self.rpn(batch, features, sizes, int(self.input_size), targets)
             regions, labels, regression_targets = sample_regions(
                 [p.detach() for p in proposals], targets, self.matcher, self.sampler, self.coder)
             class_logits, box_deltas = self.box_predictor(self.box_head(self.pooled(features, regions, batch)))
             return {**rpn_losses, **fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets)}
-        proposals, _ = self.rpn(batch, features, sizes, int(self.input_size))
-        class_logits, box_deltas = self.box_predictor(self.box_head(self.pooled(features, proposals, batch)))
-        detections = postprocess(class_logits, box_deltas, proposals, sizes, self.coder,
-                                 self.score_thresh, self.nms, self.max_det)
+        detections = self.forward_raw(batch, sizes)
         return [to_original(d, scale, image.shape[-2:]) for d, scale, image in zip(detections, scales, images)]
 
-    def extract(self, images: Any) -> tuple[torch.Tensor, list[torch.Tensor], list[float], list[tuple[int, int]]]:
-        """Resize, normalise and run the backbone (+ FPN): (padded batch, feature maps, per-image
-        scales, per-image sizes inside the batch). In training the longest side seen becomes ``input_size``."""
+    def forward_raw(self, batch: torch.Tensor, sizes: list[tuple[Any, Any]],
+                    score_thresh: float | torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
+        """The eval network, NMS included (what ONNX exports, for one image): ``resize_batch``'s padded batch
+        float [B, 3, H, W] in [0, 1] and each image's (h, w) inside it -> per image {"boxes" [K, 4] xyxy in
+        input pixels, "scores" [K], "labels" int64 [K] 0-based}. score_thresh: default ``self.score_thresh``
+        (an input of the exported graph, so that its parity check can see detections on a noise image)."""
+        return self.detect(batch, sizes, score_thresh)[1]
+
+    def resize(self, images: Any) -> tuple[torch.Tensor, list[float], list[tuple[int, int]]]:
+        """``resize_batch`` to ``input_size``: (padded batch in [0, 1], per-image scales, per-image sizes
+        inside the batch). In training the longest side seen becomes ``input_size``."""
         if self.training:
             self.input_size.fill_(max(max(image.shape[-2:]) for image in images))
-        batch, scales, sizes = resize_batch(images, int(self.input_size), self.input_size.device)
-        return batch, self.features(self.normalize(batch)), scales, sizes
+        return resize_batch(images, int(self.input_size), self.input_size.device)
+
+    def detect(self, batch: torch.Tensor, sizes: list[tuple[Any, Any]], score_thresh: float | torch.Tensor | None = None
+               ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+        """Backbone (+ FPN), RPN, box head, postprocess: (feature maps, per-image detections in input pixels)."""
+        features = self.features(self.normalize(batch))
+        proposals = self.propose(batch, features, sizes)
+        class_logits, box_deltas = self.box_predictor(self.box_head(self.pooled(features, proposals, batch)))
+        score_thresh = self.score_thresh if score_thresh is None else score_thresh
+        return features, postprocess(class_logits, box_deltas, proposals, sizes, self.coder,
+                                     score_thresh, self.nms, self.max_det)
+
+    def propose(self, batch: torch.Tensor, features: list[torch.Tensor], sizes: list[tuple[Any, Any]]
+                ) -> list[torch.Tensor]:
+        """Eval-mode proposals per image [P_i, 4] in input pixels, from torchvision's network inside ``RPN``
+        called directly: in an ONNX trace the sizes are 0-dim tensors (the graph's ``image_size`` input),
+        which ``RPN.forward`` would turn into constants with ``int()``."""
+        self.rpn.anchors.set_input_size(int(self.input_size))
+        named = {str(i): f for i, f in enumerate(features)}
+        return self.rpn.network(ImageList(batch, list(sizes)), named)[0]
 
     def pooled(self, features: list[torch.Tensor], regions: list[torch.Tensor], batch: torch.Tensor,
                pool: nn.Module | None = None) -> torch.Tensor:

@@ -30,7 +30,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 from cvforge.errors import CvforgeError
 from cvforge.models.detection.faster_rcnn import FasterRCNN, check_options, scale_targets, to_original
 from cvforge.models.detection.matching import sample_regions
-from cvforge.models.detection.roi_head import fast_rcnn_loss, postprocess
+from cvforge.models.detection.roi_head import fast_rcnn_loss
 
 MASK_THRESHOLD = 0.5  # a pixel belongs to the object where the mask probability is at least this
 
@@ -66,8 +66,9 @@ class MaskRCNN(FasterRCNN):
         self.mask_head = MaskHead(self.features.out_channels, num_classes, mask_channels, mask_convs)
 
     def forward(self, images: Any, targets: list[dict[str, torch.Tensor]] | None = None) -> Any:
-        batch, features, scales, sizes = self.extract(images)
+        batch, scales, sizes = self.resize(images)
         if self.training:
+            features = self.features(self.normalize(batch))
             targets = scale_targets(_check_masks(targets), scales)
             proposals, rpn_losses = self.rpn(batch, features, sizes, int(self.input_size), targets)
             regions, labels, regression_targets, matched = sample_regions(
@@ -77,15 +78,23 @@ class MaskRCNN(FasterRCNN):
             mask_logits = self.mask_head(self.pooled(features, positive, batch, self.mask_pool))
             mask = mask_loss(mask_logits, labels[labels > 0] - 1, positive, matched, targets, scales)
             return {**rpn_losses, **fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets), "mask": mask}
-        proposals, _ = self.rpn(batch, features, sizes, int(self.input_size))
-        class_logits, box_deltas = self.box_predictor(self.box_head(self.pooled(features, proposals, batch)))
-        detections = postprocess(class_logits, box_deltas, proposals, sizes, self.coder,
-                                 self.score_thresh, self.nms, self.max_det)
+        detections = []
+        for d, scale, image in zip(self.forward_raw(batch, sizes), scales, images):
+            boxes = to_original({k: v for k, v in d.items() if k != "mask_probs"}, scale, image.shape[-2:])
+            detections.append(paste_masks(boxes, d["mask_probs"], image.shape[-2:]))
+        return detections
+
+    def forward_raw(self, batch: torch.Tensor, sizes: list[tuple[Any, Any]],
+                    score_thresh: float | torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
+        """The eval network (what ONNX exports, for one image): ``FasterRCNN.forward_raw``'s detections in input
+        pixels, each with "mask_probs" float [K, M, M], the mask probabilities of its detected class in its box."""
+        features, detections = self.detect(batch, sizes, score_thresh)
         boxes = [d["boxes"] for d in detections]
-        mask_logits = self.mask_head(self.pooled(features, boxes, batch, self.mask_pool))
-        probabilities = mask_logits.sigmoid().split([len(b) for b in boxes])
-        return [paste_masks(to_original(d, scale, image.shape[-2:]), p, image.shape[-2:])
-                for d, p, scale, image in zip(detections, probabilities, scales, images)]
+        probabilities = self.mask_head(self.pooled(features, boxes, batch, self.mask_pool)).sigmoid()
+        # one image (as in an exported graph): no split, whose sizes a trace would freeze
+        per_image = [probabilities] if len(boxes) == 1 else probabilities.split([len(b) for b in boxes])
+        return [{**d, "mask_probs": p[torch.arange(p.shape[0], device=p.device), d["labels"]]}
+                for d, p in zip(detections, per_image)]
 
 
 def _check_masks(targets: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
@@ -122,10 +131,14 @@ def mask_loss(mask_logits: torch.Tensor, classes: torch.Tensor, regions: list[to
 
 def paste_masks(detections: dict[str, torch.Tensor], probabilities: torch.Tensor,
                 image_size: Any) -> dict[str, torch.Tensor]:
-    """Detections with boxes in original pixels + mask probabilities [K, C, M, M] -> the detections with
-    "masks" uint8 [K, H, W] (image_size = (H, W)): the detected class's M x M mask resized into its box."""
+    """Detections with boxes in original pixels + mask probabilities [K, M, M] (or [K, C, M, M]: the detected
+    class's is used) -> the detections with "masks" uint8 [K, H, W] (image_size = (H, W)): each M x M mask
+    resized into its box."""
     height, width = int(image_size[0]), int(image_size[1])
-    chosen = probabilities[torch.arange(len(detections["labels"]), device=probabilities.device), detections["labels"]]
+    chosen = probabilities
+    if probabilities.ndim == 4:
+        labels = detections["labels"]
+        chosen = probabilities[torch.arange(len(labels), device=probabilities.device), labels]
     if len(chosen) == 0:
         return {**detections, "masks": torch.zeros((0, height, width), dtype=torch.uint8, device=chosen.device)}
     pasted = paste_masks_in_image(chosen[:, None].float(), detections["boxes"].float(), (height, width), padding=1)

@@ -30,7 +30,7 @@ from cvforge.errors import CvforgeError
 from cvforge.models.backbones import get_backbone
 from cvforge.models.detection.fast_rcnn import ProposalDetector
 from cvforge.models.detection.matching import BalancedSampler, Matcher, sample_regions
-from cvforge.models.detection.region_pool import crop_and_warp
+from cvforge.models.detection.region_pool import Regions, crop_and_warp
 from cvforge.models.detection.roi_head import TwoFCHead, postprocess
 
 PAPER_WARP, PAPER_CONTEXT = 227, 16
@@ -68,11 +68,19 @@ class RCNN(ProposalDetector):
         """Side of the warped crops: ``warp``, else the paper's 227 or the input size if smaller."""
         return int(self.warp_side) if self.warp_side else min(PAPER_WARP, int(self.input_size))
 
-    def features(self, x: torch.Tensor, regions: list[torch.Tensor]) -> torch.Tensor:
-        """Each region of each canvas warped (with context) through the CNN and fc6, fc7 -> [R, hidden]."""
+    def features(self, x: torch.Tensor, regions: Regions) -> torch.Tensor:
+        """Canvas float [B, 3, S, S] in [0, 1], regions in its pixels (``region_pool``: per image [R_i, 4], or
+        [R, 5] with the image index) -> each region cut (with context) from the normalised canvas, warped,
+        through the CNN and fc6, fc7 -> [R, hidden]."""
         context = round(PAPER_CONTEXT * self.warp / PAPER_WARP)
-        crops = crop_and_warp(x, regions, self.warp, context)
+        crops = crop_and_warp(self.normalize(x), regions, self.warp, context)
         return self.head(self.backbone.forward_features(crops).mean((2, 3)))
+
+    def forward_raw(self, x: torch.Tensor, regions: Regions) -> dict[str, torch.Tensor]:
+        """The network (what ONNX exports), ``features`` and every output layer on fc7: {"class_logits"
+        [R, C + 1] (fine-tuning softmax), "box_deltas" [R, 4 (C + 1)], "svm_scores" [R, C] (SVM margins)}."""
+        fc7 = self.features(x, regions)
+        return {"class_logits": self.classifier(fc7), "box_deltas": self.regressor(fc7), "svm_scores": self.svm(fc7)}
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None) -> Any:
         x, proposals, targets = self.prepare(images, targets if self.training else None)
@@ -90,10 +98,10 @@ class RCNN(ProposalDetector):
             losses["box"] = self.box_loss(fc7.detach(), regions, labels, regression_targets, matched, gt)
             return losses
         with torch.no_grad():  # one image, at most EVAL_CHUNK crops at a time: memory stays bounded
-            pieces = [self.features(x[i:i + 1], [piece]) for i, p in enumerate(proposals)
+            pieces = [self.forward_raw(x[i:i + 1], [piece]) for i, p in enumerate(proposals)
                       for piece in p.split(EVAL_CHUNK) if len(piece)]
-            fc7 = torch.cat(pieces) if pieces else x.new_zeros(0, self.head.out_features)
-        return self.detect(fc7, proposals, images)
+            pieces = pieces or [self.forward_raw(x[:1], [x.new_zeros(0, 4)])]  # no proposal at all
+        return self.detect({k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}, proposals, images)
 
     def svm_loss(self, fc7: torch.Tensor, gt_fc7: torch.Tensor, regions: list[torch.Tensor],
                  targets: list[dict]) -> torch.Tensor:
@@ -127,15 +135,17 @@ class RCNN(ProposalDetector):
         deltas = self.regressor(fc7[use]).reshape(len(use), -1, 4)[torch.arange(len(use)), labels[use]]
         return F.smooth_l1_loss(deltas, regression_targets[use], reduction="mean")
 
-    def detect(self, fc7: torch.Tensor, proposals: list[torch.Tensor], images: list[torch.Tensor]) -> list[dict]:
-        """Scores (SVM margins squashed by a sigmoid, or softmax), regressed boxes, per-class NMS."""
+    def detect(self, outputs: dict[str, torch.Tensor], proposals: list[torch.Tensor],
+               images: list[torch.Tensor]) -> list[dict]:
+        """``forward_raw``'s outputs -> scores (SVM margins squashed by a sigmoid, or softmax), regressed boxes,
+        per-class NMS; detections in original pixels."""
         if self.scores == "svm":
-            svm = torch.sigmoid(self.svm(fc7))
+            svm = torch.sigmoid(outputs["svm_scores"])
             scores, softmax = torch.cat([svm.new_zeros(len(svm), 1), svm], 1), False
         else:
-            scores, softmax = self.classifier(fc7), True
+            scores, softmax = outputs["class_logits"], True
         size = int(self.input_size)
-        detections = postprocess(scores, self.regressor(fc7), proposals, [(size, size)] * len(images), self.coder,
+        detections = postprocess(scores, outputs["box_deltas"], proposals, [(size, size)] * len(images), self.coder,
                                  self.score_thresh, self.nms, self.max_det, softmax=softmax)
         return self.to_original(detections, images)
 

@@ -73,30 +73,33 @@ def fast_rcnn_loss(class_logits: torch.Tensor, box_deltas: torch.Tensor, labels:
 
 @torch.no_grad()
 def postprocess(class_logits: torch.Tensor, box_deltas: torch.Tensor | None, regions: list[torch.Tensor],
-                image_sizes: list[tuple[int, int]], coder: BoxCoder, score_thresh: float = 0.05,
+                image_sizes: list[tuple[int, int]], coder: BoxCoder, score_thresh: float | torch.Tensor = 0.05,
                 nms: float = 0.5, max_det: int = 100, softmax: bool = True) -> list[dict[str, torch.Tensor]]:
     """Detections per image: scores, class-specific boxes, per-class NMS.
 
     class_logits [R, C + 1] (``softmax=False``: already scores, e.g. R-CNN's SVM outputs squashed to 0..1),
     box_deltas [R, 4 (C + 1)] or None (no regression: the region itself), regions per image [R_i, 4] and
-    image_sizes per image (H, W), both in the frame the regions are in (boxes are clipped to it).
+    image_sizes per image (H, W), both in the frame the regions are in (boxes are clipped to it; ints, or
+    0-dim tensors in an ONNX trace).
     Returns per image {"boxes" float [K, 4] xyxy, "scores" [K], "labels" int64 [K] 0-based}, K <= max_det,
     sorted by score.
     """
     scores = class_logits.float().softmax(-1) if softmax else class_logits.float()
-    counts = [len(r) for r in regions]
     all_regions = torch.cat(regions) if regions else class_logits.new_zeros(0, 4)
     if box_deltas is None:
         boxes = all_regions.float()[:, None, :].expand(-1, scores.shape[1], -1)
+    else:  # shapes from tensors, not len(): an ONNX trace keeps them dynamic
+        boxes = coder.decode(box_deltas, all_regions).reshape(-1, scores.shape[1], 4)
+    if len(regions) == 1:  # one image (as in an exported graph): no split, whose sizes a trace would freeze
+        per_image = [(scores, boxes)]
     else:
-        boxes = coder.decode(box_deltas, all_regions).reshape(len(all_regions), -1, 4)
-    results = []
-    for s, b, size in zip(scores.split(counts), boxes.split(counts), image_sizes):
-        results.append(_select(s, clip_boxes(b, *size), score_thresh, nms, max_det))
-    return results
+        counts = [len(r) for r in regions]
+        per_image = list(zip(scores.split(counts), boxes.split(counts)))
+    return [_select(s, clip_boxes(b, *size), score_thresh, nms, max_det)
+            for (s, b), size in zip(per_image, image_sizes)]
 
 
-def _select(scores: torch.Tensor, boxes: torch.Tensor, score_thresh: float, nms: float,
+def _select(scores: torch.Tensor, boxes: torch.Tensor, score_thresh: float | torch.Tensor, nms: float,
             max_det: int) -> dict[str, torch.Tensor]:
     """One image: scores [R, C + 1], boxes [R, C + 1, 4] -> its detections (background column dropped)."""
     num_classes = scores.shape[1] - 1

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from cvforge.models.detection.fast_rcnn import ProposalDetector, truncated_backbone
-from cvforge.models.detection.region_pool import SpatialPyramidPool
+from cvforge.models.detection.region_pool import Regions, SpatialPyramidPool
 
 
 class SPPNet(ProposalDetector):
@@ -41,10 +41,16 @@ class SPPNet(ProposalDetector):
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None) -> Any:
         x, proposals, targets = self.prepare(images, targets if self.training else None)
+        return self.classify_regions(x, proposals, targets, images)
+
+    def forward_raw(self, x: torch.Tensor, regions: Regions) -> dict[str, torch.Tensor]:
+        """The network (what ONNX exports): canvas float [B, 3, S, S] in [0, 1], regions in its pixels
+        (``region_pool``: per image [R_i, 4], or [R, 5] with the image index) -> {"class_logits" [R, C + 1],
+        "box_deltas" [R, 4 (C + 1)]}."""
         frozen = not any(p.requires_grad for p in self.backbone.parameters())
-        with torch.set_grad_enabled(self.training and not frozen):  # fc-only fine-tuning: no conv graph
-            features = self.backbone.forward_features(x)
-        return self.classify_regions(self.spp, features, proposals, targets, images)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):  # fc-only fine-tuning: no conv graph
+            features = self.backbone.forward_features(self.normalize(x))
+        return self.predict_regions(self.spp(features, regions))
 
 
 def sppnet(*, num_classes: int, **kwargs: Any) -> SPPNet:
