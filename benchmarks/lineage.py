@@ -71,7 +71,7 @@ def run(name: str, args: argparse.Namespace, pretrained: str | None) -> dict:
     start = time.perf_counter()
     result = cvforge.train(task="detect", model=name, data=data, epochs=args.epochs, imgsz=args.imgsz or args.size,
                            batch=args.batch, workers=0, device="cpu", lr=args.lr, seed=args.seed,
-                           pretrained=pretrained, project=str(Path(args.project) / name), name="train")
+                           pretrained=pretrained or "", project=str(Path(args.project) / name), name="train")
     train_seconds = time.perf_counter() - start
     metrics = cvforge.evaluate(result.best or result.last, data=data, split="val", device="cpu", quiet=True,
                                out=Path(args.project) / name / "eval")
