@@ -30,7 +30,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -200,12 +199,9 @@ class FasterRCNN(nn.Module):
 
     def propose(self, batch: torch.Tensor, features: list[torch.Tensor], sizes: list[tuple[Any, Any]]
                 ) -> list[torch.Tensor]:
-        """Eval-mode proposals per image [P_i, 4] in input pixels, from torchvision's network inside ``RPN``
-        called directly: in an ONNX trace the sizes are 0-dim tensors (the graph's ``image_size`` input),
-        which ``RPN.forward`` would turn into constants with ``int()``."""
-        self.rpn.anchors.set_input_size(int(self.input_size))
-        named = {str(i): f for i, f in enumerate(features)}
-        return self.rpn.network(ImageList(batch, list(sizes)), named)[0]
+        """Eval-mode proposals per image [P_i, 4] in input pixels (sizes may be 0-dim tensors: the ONNX
+        graph's ``image_size`` input)."""
+        return self.rpn(batch, features, list(sizes), int(self.input_size))[0]
 
     def pooled(self, features: list[torch.Tensor], regions: list[torch.Tensor], batch: torch.Tensor,
                pool: nn.Module | None = None) -> torch.Tensor:

@@ -97,7 +97,8 @@ class RPN(nn.Module):
         pixels} (training only). Returns (proposals per image float [P_i, 4] xyxy in input pixels,
         losses {"rpn_obj", "rpn_box"}; empty in eval mode)."""
         self.anchors.set_input_size(input_side)
-        images = ImageList(batch, [(int(h), int(w)) for h, w in image_sizes])
+        # sizes as given: Python ints, or 0-dim tensors in an ONNX trace (int() would freeze them into the graph)
+        images = ImageList(batch, [(h, w) for h, w in image_sizes])
         named = {str(i): f for i, f in enumerate(features)}
         boxes_only = [{"boxes": t["boxes"]} for t in targets] if targets is not None else None
         proposals, losses = self.network(images, named, boxes_only)
