@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 from cvforge.bench_report import write_reports
+from cvforge.config import DETECTION_TASKS
 from cvforge.errors import CvforgeError
 
 DEFAULT_MODELS = ("rcnn", "sppnet", "fast_rcnn", "faster_rcnn", "yolov1", "yolo-n")
@@ -39,7 +40,6 @@ DEFAULT_BUDGET = 2.0  # minutes of training per model
 BATCH_SIZES = (1, 8)
 TIMED_IMAGES = 16  # val images the timings cycle over
 TIMING_SECONDS = 20.0  # a timing stops after this long once it has 3 samples (R-CNN at batch 8 is slow)
-
 
 
 # ------------------------------------------------------------------------------------------- the bench
@@ -80,9 +80,9 @@ def _check_inputs(models: list[str], data: str, budget: float, weights: dict[str
     """The user's mistakes, before any process starts."""
     from cvforge.data import resolve
     from cvforge.zoo import MODEL_TASKS, list_models
-    detectors = [name for name, task in list_models() if task in ("detect", "instance")]
+    detectors = [name for name, task in list_models() if task in DETECTION_TASKS]
     for name in models:
-        if MODEL_TASKS.get(name) not in ("detect", "instance"):
+        if MODEL_TASKS.get(name) not in DETECTION_TASKS:
             raise CvforgeError(f"cannot bench model {name!r}", None,
                                f"bench compares detectors: {', '.join(detectors)}")
     for name, path in weights.items():

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from cvforge.config import DETECTION_TASKS
 from cvforge.models.detection.proposals import FileProposals, SelectiveSearch
 
 FLOPS_PROPOSALS = 100
-DETECTION_TASKS = ("detect", "instance")
 # `cvforge models`: each task's usual input side and the class count of its usual benchmark
 TABLE_IMGSZ = {"classify": 224, "segment": 512, "detect": 640, "instance": 640}
 TABLE_CLASSES = {"classify": 1000, "segment": 21, "detect": 80, "instance": 80}  # ImageNet, VOC, COCO

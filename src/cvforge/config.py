@@ -20,6 +20,7 @@ import yaml
 from cvforge.errors import CvforgeError
 
 TASKS = ("classify", "segment", "detect", "instance")
+DETECTION_TASKS = ("detect", "instance")  # models that take a list of images and return boxes
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "step")
 

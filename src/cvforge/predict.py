@@ -157,12 +157,9 @@ def mask_rles(masks: Any) -> list[dict[str, Any]]:
     """uint8 ndarray [K, H, W] of 0/1 masks (the original image's pixels) -> K COCO RLEs {"size": [H, W],
     "counts": str}, as COCO's results format for segmentation wants them (``pycocotools.mask.encode``,
     its byte string decoded so that it is JSON)."""
-    import numpy as np
-    from pycocotools import mask as mask_utils
-    if len(masks) == 0:
-        return []
-    rles = mask_utils.encode(np.asfortranarray(np.asarray(masks, dtype=np.uint8).transpose(1, 2, 0)))
-    return [{"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")} for rle in rles]
+    from cvforge.eval.instance import encode_masks  # the encoder mask AP uses
+    return [{"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+            for rle in encode_masks(masks)]
 
 
 def draw_instance_masks(image: torch.Tensor, record: dict[str, Any], conf: float = 0.25, alpha: float = 0.5

@@ -39,8 +39,13 @@ SIZE_STEPS = {"yolov1": 112}
 
 def recipe_for(model: str) -> dict[str, Any]:
     """The recipe of ``model``'s family (longest matching prefix), or {}."""
-    matches = [prefix for prefix in RECIPES if model.startswith(prefix)]
-    return dict(RECIPES[max(matches, key=len)]) if matches else {}
+    family = _family(model, RECIPES)
+    return dict(RECIPES[family]) if family else {}
+
+
+def _family(model: str, table: dict[str, Any]) -> str | None:
+    """The longest key of ``table`` that ``model`` starts with (a model family), or None."""
+    return max((prefix for prefix in table if model.startswith(prefix)), key=len, default=None)
 
 
 def resolve_config(options: dict[str, Any]) -> TrainConfig:
@@ -50,7 +55,7 @@ def resolve_config(options: dict[str, Any]) -> TrainConfig:
     recipe = recipe_for(model)
     values = {**recipe, **options, "task": task, "model": model}
     if "imgsz" not in options and task in DATA_SIZED_TASKS:
-        step = next((n for prefix, n in SIZE_STEPS.items() if model.startswith(prefix)), SIZE_STEP)
+        step = SIZE_STEPS.get(_family(model, SIZE_STEPS), SIZE_STEP)
         values["imgsz"] = data_imgsz(given.data, task, recipe.get("imgsz", TrainConfig.imgsz), step=step)
     return TrainConfig.from_dict(values)
 
