@@ -15,6 +15,7 @@ machine slows both alike; ``--epochs 0`` measures speed only.
 
     python benchmarks/vs_torchvision.py                                 # the BENCHMARKS.md table (CPU: long)
     python benchmarks/vs_torchvision.py --pairs faster --epochs 1 --data shapes:train=16,val=8
+    python benchmarks/vs_torchvision.py --pairs mask --epochs 0 --proposals shared    # speed, equal work per step
 
 Prints a Markdown table (and writes it to --out when given).
 """
@@ -103,11 +104,44 @@ def infer(model: nn.Module, image: torch.Tensor, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def shared_proposals(targets: list[dict], side: int, count: int, seed: int) -> list[torch.Tensor]:
+    """Per image ``count`` proposals float [count, 4] xyxy in input pixels, the same for both models:
+    five per gt box are that box moved and rescaled at random (by up to 20 %: mostly foreground, as a
+    trained RPN's best proposals), the rest random boxes."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for target in targets:
+        gt = target["boxes"].float().cpu().reshape(-1, 4)
+        near = min(5 * len(gt), count)
+        base = gt.repeat_interleave(5, 0)[:near]
+        centre, size = (base[:, :2] + base[:, 2:]) / 2, base[:, 2:] - base[:, :2]
+        centre = centre + (torch.rand(near, 2, generator=generator) - 0.5) * 0.4 * size
+        size = size * (0.8 + 0.4 * torch.rand(near, 2, generator=generator))
+        corners = torch.rand(count - near, 2, 2, generator=generator) * side
+        far = torch.cat([corners.min(1).values, corners.max(1).values + 2], 1)
+        boxes = torch.cat([torch.cat([centre - size / 2, centre + size / 2], 1), far])
+        out.append(boxes.clamp(0, side).to(target["boxes"].device))
+    return out
+
+
+def replace_proposals(model: nn.Module, holder: dict) -> None:
+    """Make the model's RPN hand ``holder["proposals"]`` to the RoI heads (its own losses still count)."""
+    rpn = model.net.rpn if isinstance(model, TorchvisionDetector) else model.rpn.network
+    rpn.register_forward_hook(lambda module, inputs, output:
+                              (holder["proposals"], output[1]) if module.training else output)
+
+
 def speeds(pair: str, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
     """Per side (train images/s, inference ms/image): median of ``--speed-steps`` training steps on the
     same batches and of as many single-image inferences, the two sides interleaved step by step so a
     busy shared machine slows both alike. Untrained models (speed does not depend on the weights much;
-    inference keeps at most 100 detections either way)."""
+    inference keeps at most 100 detections either way).
+
+    The work of a training step's RoI heads grows with the foreground regions sampled from the RPN's
+    proposals, and two untrained RPNs propose differently (one initialisation's proposals hit the
+    objects more often: +40 % mask regions in one measurement). ``--proposals shared`` hands both RoI heads
+    the same proposals per batch (``shared_proposals``, 1000 per image), so both sides do the same work;
+    ``own`` times each model as it is."""
     task = PAIRS[pair][0]
     train = build_dataset(args.data, "train", task, transforms=build_transforms(task, True, args.imgsz))
     val = build_dataset(args.data, "val", task, transforms=build_transforms(task, False, args.imgsz))
@@ -120,8 +154,15 @@ def speeds(pair: str, args: argparse.Namespace) -> dict[str, tuple[float, float]
         seed_everything(0)
         model = build(pair, side, len(train.classes), args.imgsz).to(device).train()
         models[side] = (model, torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9))
+    holder: dict = {}
+    if args.proposals == "shared":
+        if any(max(image.shape[-2:]) != args.imgsz for images, _ in batches for image in images):
+            raise SystemExit("--proposals shared needs images of side --imgsz (both models then work in their pixels)")
+        for model, _ in models.values():
+            replace_proposals(model, holder)
     times: dict[str, list[float]] = {side: [] for side in models}
-    for images, targets in batches:  # the first step of each side is a warm-up
+    for step, (images, targets) in enumerate(batches):  # the first step of each side is a warm-up
+        holder["proposals"] = shared_proposals(targets, args.imgsz, 1000, seed=step)
         for side, (model, optimizer) in models.items():
             times[side].append(train_step(model, optimizer, images, targets))
     for model, _ in models.values():
@@ -172,6 +213,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--speed-steps", type=int, default=10, help="timed steps per side (interleaved)")
+    parser.add_argument("--proposals", choices=("own", "shared"), default="own",
+                        help="training speed with each RPN's own proposals, or the same ones on both sides")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", type=Path, help="also write the table to this file")
