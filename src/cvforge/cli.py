@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from cvforge import __version__
+from cvforge.config import TASKS
 from cvforge.errors import CvforgeError
 
 
@@ -20,7 +21,7 @@ def _data_parser(sub) -> None:
                        ("stats", "classes, instances per class, boxes per image, image sizes")):
         p = verbs.add_parser(name, help=text)
         p.add_argument("data", help="shapes, a data YAML, a COCO JSON, a VOC root or a folder")
-        p.add_argument("--task", choices=("classify", "segment", "detect", "instance"))
+        p.add_argument("--task", choices=TASKS)
     shapes = verbs.add_parser("make-shapes", help="write the built-in shapes data set to a folder")
     shapes.add_argument("out", type=Path)
     shapes.add_argument("--train", type=int, default=512)
@@ -126,7 +127,7 @@ def _eval_predict_parsers(sub) -> None:
 def _bench_models_parsers(sub) -> None:
     from cvforge.bench import DEFAULT_BUDGET, DEFAULT_MODELS
     models = sub.add_parser("models", help="list the models cvforge can build, with parameters and FLOPs")
-    models.add_argument("--task", choices=("classify", "segment", "detect", "instance"))
+    models.add_argument("--task", choices=TASKS)
     models.add_argument("--imgsz", type=int, help="input side for the FLOPs (default: 224 classify, 512 segment, "
                                                   "640 detect and instance)")
     bench = sub.add_parser("bench", help="train detectors under one time budget and compare accuracy and speed",

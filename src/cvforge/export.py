@@ -59,11 +59,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from cvforge.config import DETECTION_TASKS
+from cvforge.config import DETECTION_TASKS, TASKS
 from cvforge.errors import CvforgeError
 
 PARITY_TOLERANCE = 1e-4
-EXPORTABLE_TASKS = ("classify", "segment", "detect", "instance")
+EXPORTABLE_TASKS = TASKS  # every task has an export path
 PROBE_DETECTIONS = 10  # at most this many detections in the parity check of Faster / Mask R-CNN
 
 

@@ -21,6 +21,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
+from cvforge.config import DETECTION_TASKS
 from cvforge.data.io import is_image_file, read_image
 from cvforge.errors import CvforgeError
 
@@ -60,7 +61,7 @@ def describe(task: str, output: Any, classes: list[str], top: int = 5) -> list[d
         return _describe_classes(output["scores"], classes, top)
     if task == "segment":
         return _describe_masks(output["masks"], classes, top)
-    if task in ("detect", "instance"):
+    if task in DETECTION_TASKS:
         return [{**_describe_boxes(o, classes), **_instance_masks(o)} for o in output]
     raise CvforgeError(f"prediction for task {task!r} is not available yet", None, "use a classification model")
 
@@ -254,7 +255,7 @@ def save_records(task: str, records: list[dict[str, Any]], out: Path) -> list[Pa
     json_path = out / "predictions.json"
     json_path.write_text(json.dumps(records, indent=1), encoding="utf-8")
     written = [json_path] + ([out / "masks", out / "overlays"] if task == "segment" else [])
-    if task in ("detect", "instance"):
+    if task in DETECTION_TASKS:
         written += save_detections(records, out)
     if task == "classify":
         csv_path = out / "predictions.csv"
@@ -274,7 +275,7 @@ def write_eval_plots(task: str, evaluator: Any, classes: list[str], out: Path) -
     if task in ("classify", "segment"):  # segment: a confusion matrix of pixels, rows = true class
         return [viz.plot_confusion_matrix(evaluator.confusion, classes, Path(out) / "confusion_matrix.png",
                                           unit="images" if task == "classify" else "pixels")]
-    if task in ("detect", "instance"):  # last row / column: background (missed object / false detection)
+    if task in DETECTION_TASKS:  # last row / column: background (missed object / false detection)
         from cvforge.eval.detection import plot_pr_curves
         return [viz.plot_confusion_matrix(evaluator.confusion, [*classes, "background"],
                                           Path(out) / "confusion_matrix.png", normalize=False, unit="boxes"),
@@ -322,7 +323,7 @@ def predict(weights: str | os.PathLike, sources: Iterable[str | os.PathLike], *,
         for start in range(0, len(files), batch):
             chunk = files[start:start + batch]
             images = [model.transforms(read_image(f), {})[0] for f in chunk]
-            if model.task not in ("detect", "instance"):  # detectors take images of any sizes as a list
+            if model.task not in DETECTION_TASKS:  # detectors take images of any sizes as a list
                 images = torch.stack(images)
             output = model.module(to_device(images, model.device))
             for path, record in zip(chunk, describe(model.task, output, model.classes, top)):

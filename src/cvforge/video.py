@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cvforge.config import DETECTION_TASKS
 from cvforge.errors import CvforgeError
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
@@ -108,7 +109,7 @@ def predict_video(model: Any, path: str | os.PathLike, out: Path, *, batch: int 
     from tqdm import tqdm
     from cvforge.engine.optim import to_device
     from cvforge.predict import describe, draw_detections
-    if model.task not in ("detect", "instance"):
+    if model.task not in DETECTION_TASKS:
         raise CvforgeError(f"video prediction needs a detection model, not a {model.task} model", path,
                            "pass a detector's weights, or extract the frames as images")
     path = Path(path)

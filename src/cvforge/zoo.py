@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from cvforge.config import TASKS
 from cvforge.errors import CvforgeError
 from cvforge.models.backbones import classification_model_names
 from cvforge.models.classifier import build_classifier
@@ -32,7 +33,6 @@ from cvforge.models.detection.yolo import yolo_n, yolo_s
 from cvforge.models.detection.yolov1 import build_yolov1
 from cvforge.models.fcn import fcn8s, fcn16s, fcn32s
 
-TASKS = ("classify", "segment", "detect", "instance")
 
 # Classifiers shown by `cvforge models` (small to large); every other torchvision name builds as well.
 LISTED_CLASSIFIERS = (

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from cvforge.config import DETECTION_TASKS
 from cvforge.data.dataset import TASKS, Sample, VisionDataset
 from cvforge.data.io import is_image_file, load_yaml
 from cvforge.data.problems import Problems
@@ -175,7 +176,7 @@ def _read_shapes(options: dict, split: str, task: str, problems: Problems) -> tu
     """The built-in data set, read back through the same readers as a user's data."""
     from cvforge.data.synthetic import ensure_shapes
     root = ensure_shapes(**options)
-    if task in ("detect", "instance"):
+    if task in DETECTION_TASKS:
         from cvforge.data.formats.coco import read_coco
         return read_coco(root / "annotations" / f"instances_{split}.json", problems)
     if task == "segment":

@@ -24,11 +24,11 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision import tv_tensors
 
+from cvforge.config import TASKS
 from cvforge.data.io import read_image
 from cvforge.data.problems import Problems
 from cvforge.errors import DataError
 
-TASKS = ("classify", "segment", "detect", "instance")
 IGNORE = 255  # label of pixels that no loss or metric counts
 
 
