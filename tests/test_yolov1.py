@@ -34,6 +34,14 @@ def test_perfect_output_has_zero_loss_and_decodes_to_the_box():
     assert det["labels"][0] == 1 and torch.allclose(det["boxes"][0], box[0], atol=1e-3)
 
 
+def test_dropout_is_an_option_with_the_papers_default():
+    """The paper's 0.5 after the first fully connected layer; ``model_args={"dropout": ...}`` changes it."""
+    def dropout_of(model):
+        return [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropout_of(build_model("yolov1", task="detect", num_classes=2, imgsz=112)) == [0.5]
+    assert dropout_of(build_model("yolov1", task="detect", num_classes=2, imgsz=112, dropout=0.0)) == [0.0]
+
+
 @pytest.mark.slow
 def test_learns_a_few_images():
     """Grid assignment, loss and decoding agree: 16 shapes images are fitted to mAP50 > 0.6 without augmentation."""
