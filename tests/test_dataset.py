@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from cvforge.data.dataset import IGNORE, Sample, VisionDataset, clean_boxes, rasterize
 from cvforge.data.problems import Problems
+from cvforge.errors import DataError
 
 
 def test_clean_boxes_clips_drops_and_counts():
@@ -77,3 +79,25 @@ def test_empty_image_is_a_valid_sample(tmp_path):
     Image.new("RGB", (16, 16)).save(tmp_path / "bg.png")
     _, target = VisionDataset([Sample(tmp_path / "bg.png")], ["a"], "instance")[0]
     assert target["boxes"].shape == (0, 4) and target["masks"].shape == (0, 16, 16)
+
+
+def test_image_cache_keeps_decoded_images_within_its_budget(tmp_path):
+    from cvforge.data.dataset import ImageCache
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(np.full((8, 10, 3), 40 * i, dtype=np.uint8)).save(path)
+        paths.append(path)
+    cache = ImageCache(budget_mb=2 * 8 * 10 * 3 / 2**20)  # room for two of the three images
+    first = [cache.read(p) for p in paths]
+    assert sorted(cache.images) == [str(paths[0]), str(paths[1])]
+    first[0].fill_(255)  # a transform writing into its image must not change the cached one
+    for path in paths:
+        path.write_bytes(b"not an image any more")
+    again = cache.read(paths[0])
+    assert again.shape == (3, 8, 10) and int(again.max()) == 0  # from RAM, as decoded
+    with pytest.raises(DataError):
+        cache.read(paths[2])  # over budget: decoded from the file every time
+    off = ImageCache(budget_mb=0)
+    with pytest.raises(DataError):
+        off.read(paths[1])

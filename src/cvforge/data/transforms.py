@@ -14,9 +14,11 @@ Presets (train / eval):
     instance  identity (detectors resize inside the model)
 
 Detection targets carry per-box plain tensors (``labels``, ``iscrowd``, ``difficult``) beside the
-boxes; after each geometric op ``SanitizeBoundingBoxes`` drops boxes that became degenerate (smaller
-than 1 px, or pushed off the canvas) together with those tensors (``per_box_tensors``) and the
-instance masks (torchvision filters any ``Mask`` whose first dimension is N by itself).
+boxes; after the geometric ops ``SanitizeBoundingBoxes`` drops boxes that became degenerate (smaller
+than 1 px at the output size, or pushed off the canvas: the affine clamps them to zero width, which
+the letterbox keeps) together with those tensors (``per_box_tensors``) and the instance masks
+(torchvision filters any ``Mask`` whose first dimension is N by itself). Once, at the end: each call
+costs ~0.1 ms, a tenth of a small image's whole augmentation.
 ``image_id`` (a 0-d tensor) passes through untouched. An image with no boxes is fine everywhere.
 """
 from __future__ import annotations
@@ -84,20 +86,18 @@ def segment_train(imgsz: int, hflip: float, scale: tuple[float, float]) -> Trans
 
 def detect_train(imgsz: int, hflip: float, scale: tuple[float, float], hsv: bool,
                  translate: float) -> Transform:
-    """HSV-like colour jitter, flip, random scale/translate, letterbox; degenerate boxes removed
-    after each geometric op."""
+    """HSV-like colour jitter, flip, random scale/translate, letterbox; then degenerate boxes removed."""
     ops: list[Transform] = [RandomHSV()] if hsv else []
-    geometric = [
+    return v2.Compose([
+        *ops,
         v2.RandomHorizontalFlip(hflip),
         # bilinear for the image; v2 always warps masks with nearest
         v2.RandomAffine(degrees=0.0, translate=(translate, translate), scale=scale,
                         interpolation=v2.InterpolationMode.BILINEAR,
                         fill={tv_tensors.Image: LETTERBOX_FILL, tv_tensors.Mask: 0}),
         Letterbox(imgsz),
-    ]
-    for op in geometric:
-        ops += [op, sanitize_boxes()]
-    return v2.Compose(ops)
+        sanitize_boxes(),
+    ])
 
 
 def sanitize_boxes() -> v2.SanitizeBoundingBoxes:
