@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from cvforge.data.dataset import Sample, VisionDataset
+from cvforge.data.dataset import ImageCache, Sample, VisionDataset
 from cvforge.data.loader import build_loader
 from cvforge.data.transforms import build_transforms
 
@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batches", type=int, default=16, help="timed batches per configuration")
     parser.add_argument("--workers", type=int, default=2, help="worker processes to compare with 0")
+    parser.add_argument("--cache-mb", type=float, default=0.0,
+                        help="decoded-image RAM cache (main process only); 0: every image decoded every time, as "
+                             "with a data set larger than the cache (the pipeline's full cost)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs per configuration, interleaved; the best is kept (noise only slows a run down)")
     args = parser.parse_args(argv)
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         samples = make_images(Path(tmp), args.images, args.width, args.height)
         dataset = VisionDataset(samples, CLASSES, "detect", transforms=build_transforms("detect", True, args.imgsz))
+        dataset.images = ImageCache(args.cache_mb)
         rates, ceiling = dict.fromkeys(configs, 0.0), 0.0
         for _ in range(args.repeats):
             ceiling = max(ceiling, cpu_ceiling(args.workers))
