@@ -45,6 +45,7 @@ import argparse
 import csv
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -260,7 +261,7 @@ def train_cvforge(data_yaml: Path, args: argparse.Namespace) -> dict:
     command = [sys.executable, "-m", "cvforge.cli", "train", "--model", "yolo-n", "--data", str(data_yaml),
                "--epochs", str(args.epochs), "--imgsz", str(args.imgsz), "--batch", str(args.batch),
                "--workers", str(args.workers), "--device", "cpu", "--seed", "0", "--project", str(project),
-               "--name", "train", "--close-mosaic", str(args.close_mosaic)]
+               "--name", "train", "--close-mosaic", str(args.close_mosaic), *shlex.split(args.cvforge_options)]
     wall = run_logged(command, args.out / "cvforge_train.log", thread_env(args.threads), "cvforge: training yolo-n")
     run = max(project.glob("train*/metrics.csv"), key=lambda p: p.stat().st_mtime).parent
     with (run / "metrics.csv").open(encoding="utf-8") as f:
@@ -426,6 +427,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=0, help="(ultralytics uses 0 on CPU whatever is asked)")
     parser.add_argument("--close-mosaic", type=int, default=10, help="last epochs without mosaic (both sides)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, both sides")
+    parser.add_argument("--cvforge-options", default="",
+                        help='more `cvforge train` flags, e.g. "--amp true --channels-last true" (bfloat16 on a CPU '
+                             "with AMX; the peer trains in float32 on a CPU whatever it is asked)")
     parser.add_argument("--weights", choices=("last", "best"), default="last")
     parser.add_argument("--rounds", type=int, default=2, help="alternating latency passes per model")
     parser.add_argument("--conf", type=float, default=0.001)

@@ -2,8 +2,9 @@
 
 1. generates the built-in ``shapes`` data set (once, cached) and prints its statistics;
 2. trains the default model (``yolo-n``, with its recipe) as ``cvforge train`` with no arguments
-   would, for ``DEMO_EPOCHS`` epochs and with the data loaded in the main process (``workers=0``), so
-   that it finishes in a few minutes on a laptop CPU;
+   would, for as many epochs as fit in ``DEMO_MINUTES`` (the trainer's time budget: it times the first
+   epoch and fits the rest and the schedule to the budget) and with the data loaded in the main process
+   (``workers=0``), so that it ends within 5 minutes on any machine, with the best model that time buys;
 3. prints the validation metrics and writes ``predictions.png``: val images with the detections
    drawn, beside ``data_preview.png`` (training samples with their annotations).
 Everything lands in one new run folder under ``runs/demo``; nothing earlier is overwritten.
@@ -20,7 +21,7 @@ from cvforge.data import build_dataset
 from cvforge.data.check import check, format_stats
 
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c"]
-DEMO_EPOCHS = 30  # about 4 minutes on a 2-core CPU (BENCHMARKS.md, the default detector)
+DEMO_MINUTES = 4.5  # of training; with the data check before and the pictures after, under 5 minutes
 
 
 def draw_targets(image: torch.Tensor, target: dict, classes: list[str]) -> torch.Tensor:
@@ -66,8 +67,10 @@ def best_epoch_metrics(result) -> dict[str, float]:
     return {k.removeprefix("metrics/"): v for k, v in row.items() if k.startswith("metrics/")}
 
 
-def demo(spec: str = "shapes", epochs: int = DEMO_EPOCHS, project: Path = Path("runs/demo"), **options) -> int:
-    """Steps 1-3 of the module docstring; ``options`` go to ``cvforge.train`` (e.g. batch=32)."""
+def demo(spec: str = "shapes", epochs: int = 0, minutes: float = DEMO_MINUTES, project: Path = Path("runs/demo"),
+         **options) -> int:
+    """Steps 1-3 of the module docstring: ``epochs`` epochs if given, else a ``minutes`` budget; ``options``
+    go to ``cvforge.train`` (e.g. batch=32)."""
     from cvforge.api import train
     from cvforge.predict import format_eval
     print(f"cvforge demo: the built-in data set {spec!r}")
@@ -77,7 +80,8 @@ def demo(spec: str = "shapes", epochs: int = DEMO_EPOCHS, project: Path = Path("
     # 128-px images load in a few ms: on a 2-core laptop, loader workers would only take cores from the
     # two compute threads (79 vs 56 img/s, BENCHMARKS.md)
     options.setdefault("workers", 0)
-    result = train(data=spec, epochs=epochs, project=str(project), **options)
+    length = {"epochs": epochs} if epochs else {"time": minutes}
+    result = train(data=spec, project=str(project), **length, **options)
     if result.stopped:
         return 130
     minutes = (time.perf_counter() - start) / 60
