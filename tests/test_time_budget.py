@@ -87,6 +87,24 @@ def test_the_budget_sets_the_epochs_and_cosine_ends_at_its_floor(tmp_path, clock
     assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
 
 
+class WarmingModel(CostlyModel):
+    """Its first three training batches cost three times as much (warm-up, an image cache filling)."""
+
+    def forward(self, images, targets=None):
+        self.warm_calls = getattr(self, "warm_calls", 0) + self.training
+        if self.training and self.warm_calls <= 3:
+            CostlyModel.clock.now += 2 * self.cost
+        return super().forward(images, targets)
+
+
+def test_later_epochs_are_timed_by_the_first_epochs_second_half(tmp_path, clock, capsys, monkeypatch):
+    monkeypatch.setattr(__import__(__name__), "CostlyModel", WarmingModel)  # what fit() builds
+    result = fit(clock, config(tmp_path), cost=1.0)
+    # epoch 1: 3 x 3 s + 3 x 1 s of training + 3 s of validation = 15 s; then 9 s each: 1 + (60 - 15) // 9
+    assert "6 epochs, the first took 15.0 s with validation, the next ~9.0 s each" in capsys.readouterr().out
+    assert result.epochs == 6 and clock.now <= 60.0  # timed by the whole first epoch: 60 // 15 = 4
+
+
 @pytest.mark.parametrize("cost, batches", [(10.0, 3), (40.0, 1)])  # a batch: a third of the budget, more than all
 def test_a_first_epoch_longer_than_the_budget_is_cut_where_the_budget_ends(tmp_path, clock, capsys, cost, batches):
     result = fit(clock, config(tmp_path, time=0.5, accumulate=1), cost=cost)  # an epoch: 6 batches
