@@ -84,5 +84,6 @@ def test_voc_train_eval_predict_export_fast(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_voc_model_learns_the_shapes(tmp_path, capsys):
-    miou = _run(tmp_path, capsys, epochs=15, extra=["--batch", "2"], export=True)
+    # 30 epochs: after 15 the mIoU still swung between 0.34 and 0.55 with the floating-point order (threads)
+    miou = _run(tmp_path, capsys, epochs=30, extra=["--batch", "2"], export=True)
     assert miou >= 0.5  # background, discs and bars are separable by colour: a learning model gets there

@@ -23,7 +23,7 @@ from cvforge.config import TrainConfig
 from cvforge.data import build_dataset
 from cvforge.data.transforms import build_transforms
 from cvforge.engine.checkpoint import load_checkpoint, load_model_state, next_run_dir, resume_target
-from cvforge.engine.optim import resolve_device, to_device
+from cvforge.engine.optim import resolve_device, seed_everything, to_device
 from cvforge.engine.trainer import TrainResult, Trainer
 from cvforge.errors import CvforgeError
 from cvforge.eval import build_evaluator
@@ -60,6 +60,7 @@ def _train_worker(values: dict) -> TrainResult:
     val_set = build_dataset(config.data, "val", config.task,
                             transforms=build_transforms(config.task, False, config.imgsz))
     _report_problems(train_set, val_set)
+    seed_everything(config.seed)  # the initial weights follow --seed too (the trainer reseeds for its stream)
     model = build_model(config.model, task=config.task, num_classes=len(train_set.classes), **_model_args(config))
     if config.pretrained and not config.resume:
         from cvforge.models.weights import load_pretrained

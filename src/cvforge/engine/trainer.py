@@ -124,7 +124,7 @@ class Trainer:
         self._shown = self._val_seconds = 0.0
         self._cut_at = 0  # batch at which a time budget ended the first epoch (0: not cut)
         self._half_mark: tuple[int, float] | None = None  # (batch, training seconds) halfway through epoch 1
-        seed_everything(config.seed + self.rank)  # the training stream (dropout, ...), apart from model init
+        seed_everything(config.seed + self.rank)  # the training stream (dropout, ...); api.train seeded the init
 
     # ----------------------------------------------------------------------- setup
     def _setup_model(self, model: nn.Module) -> None:
