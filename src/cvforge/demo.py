@@ -84,13 +84,13 @@ def demo(spec: str = "shapes", epochs: int = 0, minutes: float = DEMO_MINUTES, p
     result = train(data=spec, project=str(project), **length, **options)
     if result.stopped:
         return 130
-    minutes = (time.perf_counter() - start) / 60
+    elapsed = (time.perf_counter() - start) / 60
     weights = result.best or result.last
     metrics = best_epoch_metrics(result)  # the training's own validation of best.pt (plots drawn already)
     print(format_eval(metrics))
     preview(spec, result.save_dir / "data_preview.png")
     shown = predictions_grid(weights, spec, result.save_dir / "predictions.png")
-    print(f"trained {result.epochs} epochs in {minutes:.1f} min: mAP50 {metrics['mAP50']:.3f}, "
+    print(f"trained {result.epochs} epochs in {elapsed:.1f} min: mAP50 {metrics['mAP50']:.3f}, "
           f"mAP50-95 {metrics['mAP50-95']:.3f}")
     print(f"predictions on val images: {shown}\nplots: {result.save_dir / 'plots'}\n"
           f"next: cvforge predict --weights {weights} YOUR_IMAGES")

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from cvforge.config import DETECTION_TASKS
-from cvforge.data.dataset import TASKS, Sample, VisionDataset
+from cvforge.config import DETECTION_TASKS, TASKS
+from cvforge.data.dataset import Sample, VisionDataset
 from cvforge.data.io import is_image_file, load_yaml
 from cvforge.data.problems import Problems
 from cvforge.errors import DataError

@@ -139,8 +139,10 @@ class ImageCache:
     """
 
     def __init__(self, budget_mb: float | None = None):
+        if budget_mb is None:
+            budget_mb = float(os.environ.get("CVFORGE_CACHE_MB", 512))
         self.images: dict[str, torch.Tensor] = {}
-        self.room = int((budget_mb if budget_mb is not None else float(os.environ.get("CVFORGE_CACHE_MB", 512))) * 2**20)
+        self.room = int(budget_mb * 2**20)  # bytes left (uint8 images: one byte per element)
 
     def read(self, path: str | Path) -> tv_tensors.Image:
         """``read_image(path)``, from RAM when cached; a fresh tensor every time (transforms may write to it)."""

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from cvforge.data.dataset import IGNORE, TASKS
+from cvforge.config import TASKS
+from cvforge.data.dataset import IGNORE
 from cvforge.errors import CvforgeError
 
 

@@ -30,7 +30,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from cvforge.data.dataset import IGNORE, TASKS
+from cvforge.config import TASKS
+from cvforge.data.dataset import IGNORE
 from cvforge.errors import CvforgeError
 
 LETTERBOX_FILL = 114  # mid-grey: padding close to the data mean, the usual detector convention

@@ -304,7 +304,8 @@ class Trainer:
     def _budget_spent(self) -> bool:
         """In the first epoch of a time-budgeted run: True once its training has used the whole budget (the
         epoch ends there). Once a tenth of the budget is spent and the epoch will clearly not fit, the
-        schedule is fitted to the steps the budget allows at the speed so far (rank 0 decides for all)."""
+        schedule is fitted to the steps the budget allows at the speed so far (rank 0 decides for all).
+        Also notes the training time halfway through the epoch, which ``_later_epoch_seconds`` uses."""
         if not self._budget_open():
             return False
         budget, spent = self.config.time * 60, self._sums["seconds"]
