@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -121,6 +122,25 @@ def scale_targets(targets: list[dict[str, torch.Tensor]], scales: list[float]) -
     return moved
 
 
+@dataclass
+class SampledRegions:
+    """One training batch's regions of interest and what they came from (``FasterRCNN.training_pass``).
+
+    batch: the resized images float [B, 3, H, W]; features: the pyramid's maps; scales: input / original
+    per image; targets: per image, boxes in input pixels; regions: per image [R_i, 4] xyxy in input
+    pixels, foreground first; labels: int64 [R] (0 background, class + 1); matched: per image int64 [R_i],
+    the gt index of each region (-1 background).
+    """
+
+    batch: torch.Tensor
+    features: list[torch.Tensor]
+    scales: list[float]
+    targets: list[dict[str, torch.Tensor]]
+    regions: list[torch.Tensor]
+    labels: torch.Tensor
+    matched: list[torch.Tensor]
+
+
 class FasterRCNN(nn.Module):
     """Backbone (+ FPN) -> RPN -> RoIAlign -> two-fc head -> predictor (module doc).
 
@@ -160,17 +180,24 @@ class FasterRCNN(nn.Module):
         return self.features.backbone
 
     def forward(self, images: Any, targets: list[dict[str, torch.Tensor]] | None = None) -> Any:
-        batch, scales, sizes = self.resize(images)
         if self.training:
-            features = self.features(self.normalize(batch))
-            targets = scale_targets(targets, scales)
-            proposals, rpn_losses = self.rpn(batch, features, sizes, int(self.input_size), targets)
-            regions, labels, regression_targets = sample_regions(
-                [p.detach() for p in proposals], targets, self.matcher, self.sampler, self.coder)
-            class_logits, box_deltas = self.box_predictor(self.box_head(self.pooled(features, regions, batch)))
-            return {**rpn_losses, **fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets)}
+            return self.training_pass(images, targets)[0]
+        batch, scales, sizes = self.resize(images)
         detections = self.forward_raw(batch, sizes)
         return [to_original(d, scale, image.shape[-2:]) for d, scale, image in zip(detections, scales, images)]
+
+    def training_pass(self, images: Any, targets: list[dict[str, torch.Tensor]]) -> tuple[dict, SampledRegions]:
+        """The training forward: (losses {"rpn_obj", "rpn_box", "cls", "box"}, the sampled regions with what
+        they were computed from, for a head that trains on the same regions, e.g. Mask R-CNN's mask branch)."""
+        batch, scales, sizes = self.resize(images)
+        features = self.features(self.normalize(batch))
+        targets = scale_targets(targets, scales)
+        proposals, rpn_losses = self.rpn(batch, features, sizes, int(self.input_size), targets)
+        regions, labels, regression_targets, matched = sample_regions(
+            [p.detach() for p in proposals], targets, self.matcher, self.sampler, self.coder, return_matched=True)
+        class_logits, box_deltas = self.box_predictor(self.box_head(self.pooled(features, regions, batch)))
+        losses = {**rpn_losses, **fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets)}
+        return losses, SampledRegions(batch, features, scales, targets, regions, labels, matched)
 
     def forward_raw(self, batch: torch.Tensor, sizes: list[tuple[Any, Any]],
                     score_thresh: float | torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:

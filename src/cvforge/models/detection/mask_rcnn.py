@@ -28,9 +28,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from cvforge.errors import CvforgeError
-from cvforge.models.detection.faster_rcnn import FasterRCNN, check_options, scale_targets, to_original
-from cvforge.models.detection.matching import sample_regions
-from cvforge.models.detection.roi_head import fast_rcnn_loss
+from cvforge.models.detection.faster_rcnn import FasterRCNN, check_options, to_original
 
 MASK_THRESHOLD = 0.5  # a pixel belongs to the object where the mask probability is at least this
 
@@ -66,18 +64,14 @@ class MaskRCNN(FasterRCNN):
         self.mask_head = MaskHead(self.features.out_channels, num_classes, mask_channels, mask_convs)
 
     def forward(self, images: Any, targets: list[dict[str, torch.Tensor]] | None = None) -> Any:
+        if self.training:  # Faster R-CNN's losses, then the mask branch on its foreground regions
+            losses, sampled = self.training_pass(images, _check_masks(targets))
+            positive = [r[m >= 0] for r, m in zip(sampled.regions, sampled.matched)]
+            mask_logits = self.mask_head(self.pooled(sampled.features, positive, sampled.batch, self.mask_pool))
+            classes = sampled.labels[sampled.labels > 0] - 1
+            losses["mask"] = mask_loss(mask_logits, classes, positive, sampled.matched, sampled.targets, sampled.scales)
+            return losses
         batch, scales, sizes = self.resize(images)
-        if self.training:
-            features = self.features(self.normalize(batch))
-            targets = scale_targets(_check_masks(targets), scales)
-            proposals, rpn_losses = self.rpn(batch, features, sizes, int(self.input_size), targets)
-            regions, labels, regression_targets, matched = sample_regions(
-                [p.detach() for p in proposals], targets, self.matcher, self.sampler, self.coder, return_matched=True)
-            class_logits, box_deltas = self.box_predictor(self.box_head(self.pooled(features, regions, batch)))
-            positive = [r[m >= 0] for r, m in zip(regions, matched)]
-            mask_logits = self.mask_head(self.pooled(features, positive, batch, self.mask_pool))
-            mask = mask_loss(mask_logits, labels[labels > 0] - 1, positive, matched, targets, scales)
-            return {**rpn_losses, **fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets), "mask": mask}
         detections = []
         for d, scale, image in zip(self.forward_raw(batch, sizes), scales, images):
             boxes = to_original({k: v for k, v in d.items() if k != "mask_probs"}, scale, image.shape[-2:])
