@@ -55,6 +55,33 @@ def test_losses_and_detections_follow_the_contract(fpn):
     assert out[0]["labels"].dtype == torch.int64 and (out[0]["labels"] < 3).all()
 
 
+def test_box_beta_sets_the_smooth_l1_transition_of_the_box_loss():
+    images, targets = _batch()
+    losses = {}
+    for beta in (1.0, 1 / 9):
+        torch.manual_seed(0)
+        model = _build(box_beta=beta).train()
+        torch.manual_seed(1)  # the same regions sampled for both
+        losses[beta] = model(images, targets)
+    # same weights and regions: the classification term is equal, the box term larger (smooth L1 grows as beta shrinks)
+    assert torch.equal(losses[1.0]["cls"], losses[1 / 9]["cls"])
+    assert losses[1 / 9]["box"] > losses[1.0]["box"] > 0
+
+
+def test_rpn_score_thresh_drops_unlikely_proposals():
+    images, _ = _batch()
+    counts = {}
+    for thresh in (0.0, 0.99):
+        torch.manual_seed(0)
+        model = _build(fpn=True, rpn_score_thresh=thresh).eval()
+        with torch.no_grad():
+            batch, _, sizes = model.resize(images)
+            counts[thresh] = [len(p) for p in model.propose(batch, model.features(model.normalize(batch)), sizes)]
+            out = model(images)
+    assert min(counts[0.0]) > 0 and max(counts[0.99]) == 0  # an untrained RPN (objectness ~0.5) is nowhere 99 % sure
+    assert all(len(o["boxes"]) == 0 for o in out)  # no proposals: no detections, and no error
+
+
 def test_without_fpn_the_backbone_stops_at_stride_16_and_fpn_keeps_it():
     plain, pyramid = _build(), _build(fpn=True)
     assert plain.backbone.strides[-1] == 16 and not any("layer4" in n for n, _ in plain.named_parameters())

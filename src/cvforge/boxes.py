@@ -120,11 +120,11 @@ class BoxCoder:
     def decode(self, deltas: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
         """deltas [N, 4k] (k boxes per proposal, e.g. one per class), proposals [N, 4] xyxy -> boxes [N, 4k] xyxy."""
         wx, wy, ww, wh = self.weights
-        n = deltas.shape[0]
-        d = deltas.float().reshape(n, -1, 4)
+        n, k = deltas.shape[0], deltas.shape[1] // 4  # k spelled out: with N = 0 a -1 would be ambiguous
+        d = deltas.float().reshape(n, k, 4)
         p = xyxy_to_cxcywh(proposals.float())[:, None, :]
         cx = d[..., 0] / wx * p[..., 2] + p[..., 0]
         cy = d[..., 1] / wy * p[..., 3] + p[..., 1]
         w = torch.exp((d[..., 2] / ww).clamp(max=self.clamp)) * p[..., 2]
         h = torch.exp((d[..., 3] / wh).clamp(max=self.clamp)) * p[..., 3]
-        return cxcywh_to_xyxy(torch.stack([cx, cy, w, h], dim=-1)).reshape(n, -1)
+        return cxcywh_to_xyxy(torch.stack([cx, cy, w, h], dim=-1)).reshape(n, 4 * k)

@@ -148,7 +148,8 @@ class FasterRCNN(nn.Module):
     NMS 0.7, 2000 / 300 proposals); regions per image 128 (FPN: 512), at most 25 % foreground, foreground IoU
     >= 0.5, background below; at test score >= ``score_thresh``, class-wise NMS ``nms``, ``max_det``.
     roi_pool: "align" (RoIAlign, the default: better boxes at no cost) or "max" (the paper's RoIPool,
-    one feature map only).
+    one feature map only). box_beta: the smooth L1 transition of the box loss (Fast R-CNN's 1.0; torchvision
+    uses 1/9, which weights small errors 9x more).
     """
 
     def __init__(self, num_classes: int, backbone: str = "resnet18", fpn: bool = False, imgsz: int = 640,
@@ -156,9 +157,10 @@ class FasterRCNN(nn.Module):
                  fpn_channels: int = 256, pool_size: int = 7, hidden: int = 1024,
                  regions_per_image: int | None = None, positive_fraction: float = 0.25, fg_iou: float = 0.5,
                  score_thresh: float = 0.05, nms: float = 0.5, max_det: int = 100, roi_pool: str = "align",
-                 **rpn_options: Any):
+                 box_beta: float = 1.0, **rpn_options: Any):
         super().__init__()
         self.num_classes, self.score_thresh, self.nms, self.max_det = num_classes, score_thresh, nms, max_det
+        self.box_beta = box_beta
         self.normalize = Normalize()
         self.features = Features(get_backbone(backbone, pretrained), fpn, max_stride, fpn_levels, fpn_channels)
         self.rpn = RPN(self.features.out_channels, self.features.num_levels, **rpn_options)
@@ -196,7 +198,8 @@ class FasterRCNN(nn.Module):
         regions, labels, regression_targets, matched = sample_regions(
             [p.detach() for p in proposals], targets, self.matcher, self.sampler, self.coder, return_matched=True)
         class_logits, box_deltas = self.box_predictor(self.box_head(self.pooled(features, regions, batch)))
-        losses = {**rpn_losses, **fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets)}
+        losses = {**rpn_losses, **fast_rcnn_loss(class_logits, box_deltas, labels, regression_targets,
+                                                 beta=self.box_beta)}
         return losses, SampledRegions(batch, features, scales, targets, regions, labels, matched)
 
     def forward_raw(self, batch: torch.Tensor, sizes: list[tuple[Any, Any]],

@@ -58,14 +58,16 @@ class RPN(nn.Module):
     anchor_sizes: pixels at an input side of ``anchor_reference`` (default 600 for one level, 800 with
     an FPN); for one level all of them at every position, for an FPN one per level, or a tuple of
     tuples (sizes per level). pre_nms_top_n: boxes kept per level before NMS; post_nms_top_n:
-    proposals kept per image after NMS; both (train, test).
+    proposals kept per image after NMS; both (train, test). rpn_score_thresh: proposals whose objectness
+    probability is below it are dropped, in training too (the papers: 0, keep the top n; torchvision's
+    mobilenet Faster R-CNN: 0.05, so a trained RPN hands the box head far fewer, mostly object, regions).
     """
 
     def __init__(self, in_channels: int, num_levels: int = 1, *, anchor_sizes: tuple[float, ...] | None = None,
                  ratios: tuple[float, ...] = PAPER_RATIOS, anchor_reference: int | None = None,
                  fg_iou: float = 0.7, bg_iou: float = 0.3, batch_per_image: int = 256,
                  positive_fraction: float = 0.5, pre_nms_top_n: tuple[int, int] = (2000, 1000),
-                 post_nms_top_n: tuple[int, int] = (2000, 300), nms: float = 0.7):
+                 post_nms_top_n: tuple[int, int] = (2000, 300), nms: float = 0.7, rpn_score_thresh: float = 0.0):
         super().__init__()
         sizes = tuple(anchor_sizes or (PAPER_SIZES if num_levels == 1 else FPN_SIZES[:num_levels]))
         if all(isinstance(s, (list, tuple)) for s in sizes) and len(sizes) == num_levels:
@@ -82,7 +84,8 @@ class RPN(nn.Module):
         self.network = RegionProposalNetwork(
             self.anchors, head, fg_iou, bg_iou, batch_per_image, positive_fraction,
             pre_nms_top_n={"training": pre_nms_top_n[0], "testing": pre_nms_top_n[1]},
-            post_nms_top_n={"training": post_nms_top_n[0], "testing": post_nms_top_n[1]}, nms_thresh=nms)
+            post_nms_top_n={"training": post_nms_top_n[0], "testing": post_nms_top_n[1]}, nms_thresh=nms,
+            score_thresh=rpn_score_thresh)
 
     @property
     def head(self) -> RPNHead:
