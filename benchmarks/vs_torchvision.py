@@ -1,21 +1,32 @@
 """cvforge's Faster R-CNN and Mask R-CNN against torchvision's own, same backbone, data and budget, one run.
 
-Pairs (each model from scratch: the machine is offline, so weights=None, weights_backbone=None):
+Pairs (weights=None; the machine is offline, so no ImageNet backbone either):
     faster  cvforge ``faster_rcnn_fpn`` on mobilenet_v3_large  vs  torchvision ``fasterrcnn_mobilenet_v3_large_fpn``
     mask    cvforge ``mask_rcnn`` (ResNet-50-FPN)              vs  torchvision ``maskrcnn_resnet50_fpn``
 Both sides of a pair train through cvforge's engine (same loader, seed, SGD, schedule, epochs, batch,
 image size; torchvision resizes to ``min_size = max_size = imgsz``, cvforge to ``imgsz``) and are
 scored by cvforge's evaluator on the val split: box mAP50-95 / mAP50 and, for Mask R-CNN, mask
-mAP50-95, of the last epoch. cvforge uses torchvision's anchor sizes here (``anchor_reference =
-imgsz``: sizes in pixels as given) so the anchors are the same on both sides; everything else keeps
-each implementation's defaults (cvforge keeps 300 proposals at test, torchvision 1000). Speeds:
+mAP50-95, of the last epoch's weights (evaluated once, after training). cvforge uses torchvision's anchor sizes here (``anchor_reference =
+imgsz``: sizes in pixels as given) so the anchors are the same on both sides, and for the Faster R-CNN pair
+torchvision's RPN score threshold (0.05, its mobilenet builder's); everything else keeps each
+implementation's defaults (cvforge keeps 300 proposals at test, torchvision 1000; torchvision's mobilenet
+FPN takes two stride-32 maps, blocks 13 and 16, cvforge's the last one: ``--torchvision-fpn-inputs 1``
+gives torchvision's model cvforge's input, to compare the implementations alone). Speeds:
 training images/s (forward + backward + SGD step on the same batches) and inference ms/image
 (batch 1), medians of steps run alternately on the two sides (``speeds``), so that a busy shared
 machine slows both alike; ``--epochs 0`` measures speed only.
 
+From random weights neither side learns much in a CPU budget (both stay under 1 mAP point), so
+``--pretrain-epochs N`` first trains the pair's backbone as a classifier on shapes crops (another seed's
+images than the detection data) and loads that same backbone into both models, all of it still
+trainable with batch norm as before: the stand-in for ImageNet weights, as in ``benchmarks/lineage.py``.
+With ``--project DIR`` the runs are kept there and a rerun reuses the pretrained backbone it finds.
+
     python benchmarks/vs_torchvision.py                                 # the BENCHMARKS.md table (CPU: long)
     python benchmarks/vs_torchvision.py --pairs faster --epochs 1 --data shapes:train=16,val=8
     python benchmarks/vs_torchvision.py --pairs mask --epochs 0 --proposals shared    # speed, equal work per step
+    python benchmarks/vs_torchvision.py --pairs faster --pretrain-epochs 30 --data shapes:train=192,val=64,size=256 \
+        --imgsz 256 --epochs 10 --project runs/vs_tv
 
 Prints a Markdown table (and writes it to --out when given).
 """
@@ -28,9 +39,11 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from _markdown import markdown_table  # benchmarks/_markdown.py
 from torch import nn
 
+import cvforge
 from cvforge.config import TrainConfig
 from cvforge.data import build_dataset
 from cvforge.data.loader import build_loader
@@ -38,9 +51,12 @@ from cvforge.data.transforms import build_transforms
 from cvforge.engine.optim import resolve_device, seed_everything, to_device
 from cvforge.engine.trainer import Trainer
 from cvforge.eval import build_evaluator
+from cvforge.models.weights import load_pretrained
 from cvforge.zoo import build_model
 
-TV_ANCHORS = (32, 64, 128, 256, 512)  # torchvision's anchor sizes (in input pixels)
+TV_ANCHORS = (32, 64, 128, 256, 512)
+BACKBONES = {"faster": "mobilenet_v3_large", "mask": "resnet50"}
+PRETRAIN_DATA = "shapes:train=400,val=60,size=96,seed=1"  # crops for the backbones (another seed than --data)  # torchvision's anchor sizes (in input pixels)
 PAIRS = {
     "faster": ("detect", "cvforge faster_rcnn_fpn (mobilenet_v3_large)", "torchvision fasterrcnn_mobilenet_v3_large_fpn"),
     "mask": ("instance", "cvforge mask_rcnn (resnet50 FPN)", "torchvision maskrcnn_resnet50_fpn"),
@@ -51,12 +67,18 @@ class TorchvisionDetector(nn.Module):
     """A torchvision detection model behind cvforge's contract: uint8 images in, 0-based labels, uint8
     masks [K, H, W] out; in training its loss dict."""
 
-    def __init__(self, pair: str, num_classes: int, imgsz: int):
+    def __init__(self, pair: str, num_classes: int, imgsz: int, pretrained: str | None = None,
+                 fpn_inputs: int = 2):
         super().__init__()
         from torchvision.models import detection
         builder = detection.fasterrcnn_mobilenet_v3_large_fpn if pair == "faster" else detection.maskrcnn_resnet50_fpn
+        # weights_backbone=None also keeps plain BatchNorm and every layer trainable, as on cvforge's side
         self.net = builder(weights=None, weights_backbone=None, num_classes=num_classes + 1,
                            min_size=imgsz, max_size=imgsz)
+        if pair == "faster" and fpn_inputs == 1:
+            self.net = one_input_mobilenet_fpn(num_classes, imgsz)
+        if pretrained:  # the same classifier checkpoint cvforge's backbone loads (keys match after prefixes)
+            load_pretrained(self.net.backbone.body, pretrained)
 
     def forward(self, images, targets=None):
         images = [image.float() / 255 for image in images]
@@ -73,14 +95,50 @@ class TorchvisionDetector(nn.Module):
         return out
 
 
-def build(pair: str, side: str, num_classes: int, imgsz: int) -> nn.Module:
+def one_input_mobilenet_fpn(num_classes: int, imgsz: int) -> nn.Module:
+    """torchvision's ``fasterrcnn_mobilenet_v3_large_fpn`` as its builder makes it (random weights, plain batch
+    norm, all layers trainable, RPN score threshold 0.05), except that its FPN takes only the last block's
+    960-channel map (+ the pooled level), as cvforge's ``fpn_levels=1`` does, instead of blocks 13 and 16:
+    a diagnostic of where an accuracy gap comes from (``--torchvision-fpn-inputs 1``)."""
+    from torchvision.models import mobilenet_v3_large
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import _mobilenet_extractor
+    backbone = _mobilenet_extractor(mobilenet_v3_large(weights=None), True, 6, returned_layers=[5])
+    anchors = AnchorGenerator((TV_ANCHORS,) * 2, ((0.5, 1.0, 2.0),) * 2)
+    return FasterRCNN(backbone, num_classes + 1, rpn_anchor_generator=anchors, rpn_score_thresh=0.05,
+                      min_size=imgsz, max_size=imgsz)
+
+
+def build(pair: str, side: str, num_classes: int, imgsz: int, pretrained: str | None = None,
+          options: dict | None = None, fpn_inputs: int = 2) -> nn.Module:
+    """One side of a pair; ``options`` (``--cvforge-option``) go to cvforge's model builder."""
     if side == "torchvision":
-        return TorchvisionDetector(pair, num_classes, imgsz)
-    if pair == "faster":  # as torchvision's mobilenet FPN: stride-32 features + a pooled level, 5 sizes x 3 ratios each
-        return build_model("faster_rcnn_fpn", task="detect", num_classes=num_classes, backbone="mobilenet_v3_large",
-                           imgsz=imgsz, fpn_levels=1, anchor_sizes=[list(TV_ANCHORS)] * 2, anchor_reference=imgsz)
-    return build_model("mask_rcnn", task="instance", num_classes=num_classes, imgsz=imgsz, backbone="resnet50",
-                       anchor_sizes=list(TV_ANCHORS), anchor_reference=imgsz)
+        return TorchvisionDetector(pair, num_classes, imgsz, pretrained, fpn_inputs)
+    options = options or {}
+    if pair == "faster":  # as torchvision's mobilenet FPN: stride-32 features + a pooled level, 5 sizes x 3 ratios
+        # each, and its builder's RPN score threshold 0.05 (without it the box head trains on ~500 mostly-background
+        # regions per image: 3.3 vs 7.3 mAP50 in BENCHMARKS.md); cvforge's FPN takes the last block's map only
+        options = {"rpn_score_thresh": 0.05, **options}
+        return build_model("faster_rcnn_fpn", task="detect", num_classes=num_classes, backbone=BACKBONES[pair],
+                           imgsz=imgsz, fpn_levels=1, anchor_sizes=[list(TV_ANCHORS)] * 2, anchor_reference=imgsz,
+                           pretrained=pretrained, **options)
+    return build_model("mask_rcnn", task="instance", num_classes=num_classes, imgsz=imgsz, backbone=BACKBONES[pair],
+                       anchor_sizes=list(TV_ANCHORS), anchor_reference=imgsz, pretrained=pretrained, **options)
+
+
+def pretrain(pair: str, args: argparse.Namespace, project: Path) -> str | None:
+    """The pair's backbone as a shapes-crop classifier (``--pretrain-epochs``); its best.pt, or None."""
+    if not args.pretrain_epochs:
+        return None
+    done = project / "pretrain" / pair / "weights" / "best.pt"
+    if done.exists():  # a rerun with the same --project reuses its backbone
+        return str(done)
+    result = cvforge.train(task="classify", model=BACKBONES[pair], data=PRETRAIN_DATA, epochs=args.pretrain_epochs,
+                           imgsz=64, optimizer="adamw", weight_decay=0.05, lr=4e-3, workers=args.workers,
+                           device=args.device, seed=0, project=str(project / "pretrain"), name=pair)
+    print(f"pretrained {BACKBONES[pair]} on {PRETRAIN_DATA} crops: val top-1 {result.best_metric:.3f}")
+    return str(result.best or result.last)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images, targets) -> float:
@@ -152,7 +210,7 @@ def speeds(pair: str, args: argparse.Namespace) -> dict[str, tuple[float, float]
     models = {}
     for side in ("cvforge", "torchvision"):
         seed_everything(0)
-        model = build(pair, side, len(train.classes), args.imgsz).to(device).train()
+        model = build(pair, side, len(train.classes), args.imgsz, options=args.cvforge_options).to(device).train()
         models[side] = (model, torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9))
     holder: dict = {}
     if args.proposals == "shared":
@@ -176,8 +234,9 @@ def speeds(pair: str, args: argparse.Namespace) -> dict[str, tuple[float, float]
             for side in models}
 
 
-def accuracy(pair: str, side: str, args: argparse.Namespace, project: Path) -> dict:
-    """Train through cvforge's engine; the last epoch's metrics and the run's minutes."""
+def accuracy(pair: str, side: str, args: argparse.Namespace, project: Path, pretrained: str | None) -> dict:
+    """Train through cvforge's engine (no validation on the way), then evaluate the last weights once;
+    the metrics and the training minutes."""
     task, ours, reference = PAIRS[pair]
     config = TrainConfig(task=task, model=f"{pair}-{side}", data=args.data, epochs=args.epochs, imgsz=args.imgsz,
                          batch=args.batch, workers=args.workers, device=args.device, optimizer="sgd", lr=args.lr,
@@ -186,16 +245,29 @@ def accuracy(pair: str, side: str, args: argparse.Namespace, project: Path) -> d
     train = build_dataset(args.data, "train", task, transforms=build_transforms(task, True, args.imgsz))
     val = build_dataset(args.data, "val", task, transforms=build_transforms(task, False, args.imgsz))
     seed_everything(0)
-    model = build(pair, side, len(train.classes), args.imgsz)
-    result = Trainer(config, model, train, val, build_evaluator(task, train.classes)).fit()
-    last = result.history[-1]
+    model = build(pair, side, len(train.classes), args.imgsz, pretrained, args.cvforge_options,
+                  args.torchvision_fpn_inputs)
+    result = Trainer(config, model, train).fit()
+    last = evaluate(model, val, task, args)
     row = {"model": ours if side == "cvforge" else reference,
-           "box mAP50-95": last.get("metrics/mAP50-95", float("nan")), "box mAP50": last.get("metrics/mAP50", float("nan"))}
+           "box mAP50-95": last["mAP50-95"], "box mAP50": last["mAP50"]}
     if task == "instance":
-        row["mask mAP50-95"] = last.get("metrics/mask_mAP50-95", float("nan"))
+        row["mask mAP50-95"] = last["mask_mAP50-95"]
     row["train min"] = sum(r["time"] for r in result.history) / 60
     row["params (M)"] = sum(p.numel() for p in model.parameters()) / 1e6
     return row
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, val, task: str, args: argparse.Namespace) -> dict[str, float]:
+    """cvforge's evaluator over the val split (what the trainer's validation computes), batch ``--batch``."""
+    device = resolve_device(args.device)
+    evaluator = build_evaluator(task, val.classes)
+    evaluator.reset()
+    model.to(device).eval()
+    for images, targets in build_loader(val, task, batch_size=args.batch, shuffle=False):
+        evaluator.update(to_device(model(to_device(images, device)), "cpu"), targets)
+    return {key: float(value) for key, value in evaluator.compute().items()}
 
 
 def table(rows: list[dict]) -> str:
@@ -215,23 +287,37 @@ def main() -> None:
     parser.add_argument("--speed-steps", type=int, default=10, help="timed steps per side (interleaved)")
     parser.add_argument("--proposals", choices=("own", "shared"), default="own",
                         help="training speed with each RPN's own proposals, or the same ones on both sides")
+    parser.add_argument("--pretrain-epochs", type=int, default=0,
+                        help="first train the backbone on shapes crops and start both models from it (0: from scratch)")
+    parser.add_argument("--project", help="keep the runs (and the pretrained backbones, reused) here; default: a temp dir")
+    parser.add_argument("--cvforge-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a model option for cvforge's side, e.g. box_beta=0.111 (repeatable; values as YAML)")
+    parser.add_argument("--torchvision-fpn-inputs", type=int, choices=(1, 2), default=2,
+                        help="faster pair: 1 feeds torchvision's FPN only the last block's map, as cvforge's (diagnostic)")
+    parser.add_argument("--sides", default="cvforge,torchvision", help="which sides train (speeds: both)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", type=Path, help="also write the table to this file")
     args = parser.parse_args()
+    args.cvforge_options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.cvforge_option)}
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    with tempfile.TemporaryDirectory() as project:
+    with tempfile.TemporaryDirectory() as temporary:
+        project = args.project or temporary
         for pair in args.pairs.split(","):
             measured = speeds(pair, args)
-            for side in ("cvforge", "torchvision"):
-                row = accuracy(pair, side, args, Path(project)) if args.epochs else {"model": PAIRS[pair][1 + (side != "cvforge")]}
+            pretrained = pretrain(pair, args, Path(project)) if args.epochs else None
+            for side in args.sides.split(","):
+                row = accuracy(pair, side, args, Path(project), pretrained) if args.epochs else {"model": PAIRS[pair][1 + (side != "cvforge")]}
                 row["train img/s"], row["infer ms/img"] = measured[side]
                 rows.append(row)
                 print(table(rows[-1:]), flush=True)
+    start = (f"backbones pretrained {args.pretrain_epochs} epochs on {PRETRAIN_DATA} crops" if args.pretrain_epochs
+             else "from scratch")
     text = (f"data {args.data}, {args.epochs} epochs, imgsz {args.imgsz}, batch {args.batch}, SGD lr {args.lr} "
-            f"(momentum 0.9, weight decay 1e-4, 1 warm-up epoch, cosine), from scratch; mAP in points\n\n{table(rows)}")
+            f"(momentum 0.9, weight decay 1e-4, 1 warm-up epoch, cosine), "
+            f"{start}; mAP in points\n\n{table(rows)}")
     print(text)
     if args.out:
         args.out.write_text(text + "\n", encoding="utf-8")
