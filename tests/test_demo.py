@@ -1,7 +1,8 @@
 """`make demo` end to end on a tiny built-in data set: train the default detector, report, draw."""
+import torch
 from PIL import Image
 
-from cvforge.demo import demo
+from cvforge.demo import cpu_numerics, demo
 
 TINY = "shapes:train=8,val=4,size=64,seed=3"
 
@@ -15,3 +16,14 @@ def test_demo_trains_the_default_detector_and_writes_its_pictures(tmp_path, caps
     for picture in ("predictions.png", "data_preview.png", "plots/pr_curves.png", "plots/confusion_matrix.png"):
         with Image.open(run / picture) as image:
             assert min(image.size) > 64  # a grid of tiles, not an empty file
+
+
+def test_bfloat16_only_where_the_cpu_has_amx_and_there_is_no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert cpu_numerics() == {"amp": True, "channels_last": True}
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert cpu_numerics() == {}
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cpu_numerics() == {}  # CUDA: the trainer's own AMP default
