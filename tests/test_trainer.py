@@ -143,12 +143,13 @@ def test_consecutive_non_finite_losses_stop_with_an_error_and_keep_last_pt(tmp_p
 
 
 def test_sigint_saves_at_the_step_boundary_and_says_how_to_resume(tmp_path, capsys):
+    before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN in a job started in the background
     result = _toy.train(tmp_path, callbacks=[_toy.SignalAt(2, signal.SIGINT)])
     assert result.stopped and result.epochs == 0
     state = load_checkpoint(result.last)
     assert state["step"] == 2 and state["resume"]["batch_in_epoch"] == 4 and not state["finished"]
     assert f"stopped at epoch 1 step 2; resume with: cvforge train --resume {result.last}" in capsys.readouterr().out
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the run put the caller's handler back
     assert find_last_run(tmp_path) == result.last
     resumed = _toy.train(tmp_path, resume=result.last)
     assert resumed.save_dir == result.save_dir and not resumed.stopped and resumed.epochs == 3
