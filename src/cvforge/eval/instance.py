@@ -9,8 +9,9 @@ probabilities, thresholded at 0.5)}; targets: the data set's dicts with "masks" 
 same (original image) pixels. Everything about boxes is ``DetectionEvaluator``'s, unchanged. Masks are
 run-length encoded (pycocotools) as they arrive, so a split's masks cost little memory. Mask AP is
 reported only when every image had masks on both sides (a detector without a mask branch evaluated on
-an instance data set gets box AP alone). The mask numbers are pycocotools' own ``COCOeval`` with
-iouType "segm" (object area = mask area), keyed as the box ones with a ``mask_`` prefix.
+an instance data set gets box AP alone). The mask numbers are ``COCOeval`` with iouType "segm" (object
+area = mask area) from the same backend as box AP (``detection.coco_backend``: faster-coco-eval, else
+pycocotools; the test checks them against pycocotools' own), keyed as the box ones with a ``mask_`` prefix.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from cvforge.boxes import xyxy_to_xywh
-from cvforge.eval.detection import COCO_KEYS, DetectionEvaluator, _coco
+from cvforge.eval.detection import COCO_KEYS, DetectionEvaluator, _coco, coco_backend
 
 MASK_THRESHOLD = 0.5  # a probability mask becomes binary here
 
@@ -69,11 +70,10 @@ def encode_masks(masks: Any) -> list[dict]:
 
 def coco_mask_evaluate(images: list[dict[str, np.ndarray]], segments: list[tuple[list, list]],
                        num_classes: int) -> np.ndarray:
-    """pycocotools' 12 summary numbers of mask AP. images: ``DetectionEvaluator.images`` (labels,
+    """COCOeval's 12 summary numbers of mask AP. images: ``DetectionEvaluator.images`` (labels,
     scores, boxes, crowd flags); segments: per image (gt RLEs, prediction RLEs) in the same order."""
     from pycocotools import mask as mask_utils
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    COCO, make_eval = coco_backend()
     categories = [{"id": k + 1, "name": str(k)} for k in range(num_classes)]
     gt: dict[str, list] = {"images": [], "annotations": [], "categories": categories}
     dets: list[dict] = []
@@ -92,9 +92,9 @@ def coco_mask_evaluate(images: list[dict[str, np.ndarray]], segments: list[tuple
             dets.append({"id": len(dets) + 1, "image_id": image_id, "bbox": box, "score": score,
                          "segmentation": rle, "area": float(mask_utils.area(rle)),
                          "category_id": label + 1, "iscrowd": 0})
-    evaluator = COCOeval(_coco(COCO, gt), _coco(COCO, {**gt, "annotations": dets}), "segm")
+    evaluator = make_eval(_coco(COCO, gt), _coco(COCO, {**gt, "annotations": dets}), "segm")
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return np.asarray(evaluator.stats, dtype=np.float64)
+    return np.asarray(evaluator.stats[:12], dtype=np.float64)  # faster-coco-eval appends more
