@@ -10,6 +10,7 @@ from _detect_cli import train_eval_predict
 from PIL import Image, ImageDraw
 
 from cvforge import zoo
+from cvforge.errors import CvforgeError
 
 TINY = "shapes:train=8,val=4,size=64,seed=3"
 SMALL = {"backbone": "resnet18", "imgsz": 64, "hidden": 64, "fpn_channels": 32}
@@ -90,6 +91,25 @@ def test_without_fpn_the_backbone_stops_at_stride_16_and_fpn_keeps_it():
     assert pyramid.backbone.strides[-1] == 32
 
 
+def test_fpn_blocks_take_maps_from_inside_a_stage_and_drop_the_blocks_after():
+    # mobilenet_v3_small: features.9 is the first block of the stride-32 stage, features.12 its last
+    model = _build(fpn=True, backbone="mobilenet_v3_small", fpn_blocks=["features.9", "features.3"],
+                   anchor_sizes=[32, 64, 128])
+    assert model.features.fpn_blocks == ["features.3", "features.9"]  # in the order the backbone runs them
+    assert model.features.num_levels == 3 and model.features.pooled_levels == ["0", "1"]
+    assert model.backbone.out_channels[-1] == 96 and model.backbone.stage_paths[-1] == ["features.9"]
+    assert not any(".features.1" + i in n for n, _ in model.named_parameters() for i in "012")  # 10-12 dropped
+    maps = model.features(torch.zeros(1, 3, 64, 64))
+    assert [tuple(m.shape[-3:]) for m in maps] == [(32, 8, 8), (32, 2, 2), (32, 1, 1)]
+    images, targets = _batch()
+    sum(model.train()(images, targets).values()).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)  # nothing left unused
+    with pytest.raises(CvforgeError, match="features.12"):  # the error lists the blocks there are
+        _build(fpn=True, backbone="mobilenet_v3_small", fpn_blocks=["features.99"])
+    with pytest.raises(CvforgeError, match="needs an FPN"):
+        _build(backbone="mobilenet_v3_small", fpn_blocks=["features.3"])
+
+
 def test_rebuilds_from_its_spec_with_the_same_outputs():
     model = _build(fpn=True).eval()
     spec = model.cvforge_spec
@@ -152,7 +172,6 @@ def test_cli_on_a_coco_data_set_with_polygons(tmp_path, capsys, monkeypatch):
 
 
 def test_unknown_options_are_refused_with_the_list():
-    from cvforge.errors import CvforgeError
     with pytest.raises(CvforgeError, match="unknown model option.*anchor_size\\b"):
         zoo.build_model("faster_rcnn", task="detect", num_classes=2, anchor_size=(8,))
     with pytest.raises(CvforgeError, match="mask_channels"):

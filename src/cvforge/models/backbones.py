@@ -50,11 +50,12 @@ class Backbone(nn.Module):
     Attributes: ``name`` (torchvision model name), ``body`` (the torchvision modules, their names kept),
     ``stage_paths`` (per stage, the paths of its blocks inside body), ``stages`` (per stage, an
     ``nn.Sequential`` of those blocks), ``out_channels``, ``strides`` (one int per stage),
-    ``frozen_stages`` (how many leading stages are frozen).
+    ``frozen_stages`` (how many leading stages are frozen), ``block_channels`` (path -> output channels of
+    every block, for a consumer that taps a map inside a stage: ``forward_blocks``).
     """
 
     def __init__(self, name: str, body: nn.ModuleDict, stage_paths: list[list[str]],
-                 out_channels: list[int], strides: list[int]):
+                 out_channels: list[int], strides: list[int], block_channels: dict[str, int] | None = None):
         super().__init__()
         self.name = name
         self.body = body
@@ -64,6 +65,7 @@ class Backbone(nn.Module):
         self.stage_paths = stage_paths
         self.out_channels = out_channels
         self.strides = strides
+        self.block_channels = block_channels or {}
         self.frozen_stages = 0
 
     @property
@@ -76,6 +78,19 @@ class Backbone(nn.Module):
             for path in paths:
                 x = self.body.get_submodule(path)(x)
             features.append(x)
+        return features
+
+    def forward_blocks(self, x: torch.Tensor, paths: list[str]) -> list[torch.Tensor]:
+        """The outputs of the blocks named by ``paths`` (in chain order), float [B, C, H/s, W/s] each; the
+        chain stops after the last of them. torchvision's mobilenet FPN, for one, reads a map from inside
+        the last stage (the block that first reaches stride 32) beside the stage's output."""
+        wanted, features = set(paths), []
+        for path in (p for stage in self.stage_paths for p in stage):
+            x = self.body.get_submodule(path)(x)
+            if path in wanted:
+                features.append(x)
+                if len(features) == len(wanted):
+                    break
         return features
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,7 +188,8 @@ def _cut_into_stages(name: str, model: nn.Module) -> Backbone:
             groups.append([path])
             channels.append(ch)
             strides.append(stride)
-    return Backbone(name, body, groups, channels, strides)
+    block_channels = {path: ch for path, (ch, _) in zip(paths, shapes)}
+    return Backbone(name, body, groups, channels, strides, block_channels)
 
 
 def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float = 1.0,

@@ -51,18 +51,29 @@ class Features(nn.Module):
     Without an FPN: the backbone's last stage whose stride is at most ``max_stride`` (later stages
     are removed; the paper's VGG-16 conv5_3 / ResNet C4 at stride 16). With an FPN: pyramid levels
     over the last ``fpn_levels`` stages of the backbone, ``fpn_channels`` each, plus a max-pooled
-    coarser level used by the RPN only (as in the FPN paper). ``out_channels``, ``num_levels`` and
-    ``pooled_levels`` (the names RoIAlign reads) describe the output.
+    coarser level used by the RPN only (as in the FPN paper). ``fpn_blocks`` names the FPN's inputs
+    by block path instead (``backbone.block_channels`` lists them), e.g. torchvision's mobilenet_v3 FPN:
+    ``["features.13", "features.16"]``, two stride-32 maps, the first from inside the last stage; blocks
+    after the last one named are removed. ``out_channels``, ``num_levels`` and ``pooled_levels`` (the
+    names RoIAlign reads) describe the output.
     """
 
     def __init__(self, backbone: Backbone, fpn: bool, max_stride: int = 16, fpn_levels: int = 4,
-                 fpn_channels: int = 256):
+                 fpn_channels: int = 256, fpn_blocks: list[str] | None = None):
         super().__init__()
+        if fpn_blocks and not fpn:
+            raise CvforgeError("fpn_blocks needs an FPN", None, "use faster_rcnn_fpn / mask_rcnn, or drop fpn_blocks")
         if not fpn:
             _truncate(backbone, max_stride)
+        self.fpn_blocks = _chain_order(backbone, fpn_blocks) if fpn_blocks else None
+        if self.fpn_blocks:
+            _truncate_after(backbone, self.fpn_blocks[-1])
+            fpn_levels = len(self.fpn_blocks)
         self.backbone, self.fpn_levels = backbone, fpn_levels if fpn else 1
         if fpn:
-            self.fpn = FeaturePyramidNetwork(backbone.out_channels[-fpn_levels:], fpn_channels, LastLevelMaxPool())
+            inputs = ([backbone.block_channels[p] for p in self.fpn_blocks] if self.fpn_blocks
+                      else backbone.out_channels[-fpn_levels:])
+            self.fpn = FeaturePyramidNetwork(inputs, fpn_channels, LastLevelMaxPool())
         else:
             self.fpn = None
         self.out_channels = fpn_channels if fpn else backbone.out_channels[-1]
@@ -70,22 +81,50 @@ class Features(nn.Module):
         self.pooled_levels = [str(i) for i in range(self.fpn_levels)]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        stages = self.backbone(x)
+        if self.fpn_blocks:
+            maps = self.backbone.forward_blocks(x, self.fpn_blocks)
+        else:
+            maps = self.backbone(x)[-self.fpn_levels:]
         if self.fpn is None:
-            return [stages[-1]]
-        named = OrderedDict((str(i), f) for i, f in enumerate(stages[-self.fpn_levels:]))
-        return list(self.fpn(named).values())
+            return maps
+        return list(self.fpn(OrderedDict((str(i), f) for i, f in enumerate(maps))).values())
+
+
+def _chain_order(backbone: Backbone, blocks: list[str]) -> list[str]:
+    """``blocks`` sorted in the order the backbone runs them; a clear error for a name it does not have."""
+    order = list(backbone.block_channels)
+    unknown = [b for b in blocks if b not in backbone.block_channels]
+    if unknown or len(set(blocks)) != len(blocks):
+        raise CvforgeError(f"fpn_blocks {blocks} are not distinct blocks of {backbone.name}", None,
+                           f"name blocks among {', '.join(order[-8:])} (the last ones; any of its {len(order)})")
+    return sorted(blocks, key=order.index)
 
 
 def _truncate(backbone: Backbone, max_stride: int) -> None:
     """Drop the stages whose stride exceeds ``max_stride`` (their modules too: no unused parameters)."""
     keep = sum(1 for s in backbone.strides if s <= max_stride)
-    for paths in backbone.stage_paths[keep:]:
-        for path in paths:
-            parent, _, name = path.rpartition(".")
-            delattr(backbone.body.get_submodule(parent) if parent else backbone.body, name)
+    _drop_blocks(backbone, [p for paths in backbone.stage_paths[keep:] for p in paths])
     backbone.stage_paths = backbone.stage_paths[:keep]
     backbone.out_channels, backbone.strides = backbone.out_channels[:keep], backbone.strides[:keep]
+
+
+def _truncate_after(backbone: Backbone, last: str) -> None:
+    """Drop the blocks after the block ``last`` (a stage cut inside ends there, with that block's channels)."""
+    keep = next(i for i, paths in enumerate(backbone.stage_paths) if last in paths)
+    cut = backbone.stage_paths[keep].index(last) + 1
+    _drop_blocks(backbone, backbone.stage_paths[keep][cut:] + [p for paths in backbone.stage_paths[keep + 1:]
+                                                              for p in paths])
+    backbone.stage_paths = backbone.stage_paths[:keep] + [backbone.stage_paths[keep][:cut]]
+    backbone.out_channels = backbone.out_channels[:keep] + [backbone.block_channels[last]]
+    backbone.strides = backbone.strides[:keep + 1]
+
+
+def _drop_blocks(backbone: Backbone, paths: list[str]) -> None:
+    """Remove these blocks' modules from the backbone's body (and from ``block_channels``)."""
+    for path in paths:
+        parent, _, name = path.rpartition(".")
+        delattr(backbone.body.get_submodule(parent) if parent else backbone.body, name)
+        backbone.block_channels.pop(path, None)
 
 
 def resize_batch(images: Any, side: int, device: torch.device) -> tuple[torch.Tensor, list[float], list[tuple[int, int]]]:
@@ -154,7 +193,7 @@ class FasterRCNN(nn.Module):
 
     def __init__(self, num_classes: int, backbone: str = "resnet18", fpn: bool = False, imgsz: int = 640,
                  pretrained: str | None = None, max_stride: int = 16, fpn_levels: int = 4,
-                 fpn_channels: int = 256, pool_size: int = 7, hidden: int = 1024,
+                 fpn_channels: int = 256, fpn_blocks: list[str] | None = None, pool_size: int = 7, hidden: int = 1024,
                  regions_per_image: int | None = None, positive_fraction: float = 0.25, fg_iou: float = 0.5,
                  score_thresh: float = 0.05, nms: float = 0.5, max_det: int = 100, roi_pool: str = "align",
                  box_beta: float = 1.0, **rpn_options: Any):
@@ -162,7 +201,8 @@ class FasterRCNN(nn.Module):
         self.num_classes, self.score_thresh, self.nms, self.max_det = num_classes, score_thresh, nms, max_det
         self.box_beta = box_beta
         self.normalize = Normalize()
-        self.features = Features(get_backbone(backbone, pretrained), fpn, max_stride, fpn_levels, fpn_channels)
+        self.features = Features(get_backbone(backbone, pretrained), fpn, max_stride, fpn_levels, fpn_channels,
+                                 fpn_blocks)
         self.rpn = RPN(self.features.out_channels, self.features.num_levels, **rpn_options)
         if roi_pool not in ("align", "max") or (roi_pool == "max" and fpn):
             raise CvforgeError(f"roi_pool={roi_pool!r} is not available{' with an FPN' * fpn}", None,
