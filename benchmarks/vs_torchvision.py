@@ -6,12 +6,16 @@ Pairs (weights=None; the machine is offline, so no ImageNet backbone either):
 Both sides of a pair train through cvforge's engine (same loader, seed, SGD, schedule, epochs, batch,
 image size; torchvision resizes to ``min_size = max_size = imgsz``, cvforge to ``imgsz``) and are
 scored by cvforge's evaluator on the val split: box mAP50-95 / mAP50 and, for Mask R-CNN, mask
-mAP50-95, of the last epoch's weights (evaluated once, after training). cvforge uses torchvision's anchor sizes here (``anchor_reference =
-imgsz``: sizes in pixels as given) so the anchors are the same on both sides, and for the Faster R-CNN pair
-torchvision's RPN score threshold (0.05, its mobilenet builder's); everything else keeps each
-implementation's defaults (cvforge keeps 300 proposals at test, torchvision 1000; torchvision's mobilenet
-FPN takes two stride-32 maps, blocks 13 and 16, cvforge's the last one: ``--torchvision-fpn-inputs 1``
-gives torchvision's model cvforge's input, to compare the implementations alone). Speeds:
+mAP50-95, of the last epoch's weights (evaluated once, after training). cvforge's side takes torchvision's
+settings, so that the two differ by implementation and random draws only: its anchor sizes (``anchor_reference
+= imgsz``: sizes in pixels as given), its box loss (smooth L1 with beta 1/9; cvforge's default is Fast R-CNN's 1)
+and 1000 proposals at test (cvforge's default: the paper's 300), and for the Faster R-CNN pair its RPN score
+threshold (0.05, its mobilenet builder's) and FPN inputs (two stride-32 maps, blocks 13 and 16:
+``fpn_blocks``); the two models then have the same parameters, one for one (``tests/test_torchvision_parity.py``:
+with the same weights they return the same detections). ``--cvforge-option KEY=VALUE`` overrides any of these
+(``box_beta=1 --cvforge-option 'post_nms_top_n=[2000,300]'``: cvforge's defaults). ``--torchvision-fpn-inputs 1``
+gives torchvision's model one FPN input, the last block's (a diagnostic; cvforge's side gets the same with
+``--cvforge-option 'fpn_blocks=[features.16]'``). Speeds:
 training images/s (forward + backward + SGD step on the same batches) and inference ms/image
 (batch 1), medians of steps run alternately on the two sides (``speeds``), so that a busy shared
 machine slows both alike; ``--epochs 0`` measures speed only.
@@ -27,6 +31,8 @@ With ``--project DIR`` the runs are kept there and a rerun reuses the pretrained
     python benchmarks/vs_torchvision.py --pairs mask --epochs 0 --proposals shared    # speed, equal work per step
     python benchmarks/vs_torchvision.py --pairs faster --pretrain-epochs 30 --data shapes:train=192,val=64,size=256 \
         --imgsz 256 --epochs 10 --project runs/vs_tv
+    python benchmarks/vs_torchvision.py --device cuda --pairs mask --pretrain-epochs 36 --imgsz 256 --batch 8 \
+        --data shapes:train=512,val=128,size=256 --epochs 12 --workers 3 --amp off        # on a GPU (BENCHMARKS.md)
 
 Prints a Markdown table (and writes it to --out when given).
 """
@@ -54,9 +60,15 @@ from cvforge.eval import build_evaluator
 from cvforge.models.weights import load_pretrained
 from cvforge.zoo import build_model
 
-TV_ANCHORS = (32, 64, 128, 256, 512)
+TV_ANCHORS = (32, 64, 128, 256, 512)  # torchvision's anchor sizes (in input pixels)
+TV_FPN_BLOCKS = ["features.13", "features.16"]  # torchvision's mobilenet_v3_large FPN inputs (both stride 32)
+TV_PROPOSALS = (2000, 1000)  # proposals kept after the RPN's NMS (training, test), torchvision's
 BACKBONES = {"faster": "mobilenet_v3_large", "mask": "resnet50"}
-PRETRAIN_DATA = "shapes:train=400,val=60,size=96,seed=1"  # crops for the backbones (another seed than --data)  # torchvision's anchor sizes (in input pixels)
+PRETRAIN_DATA = "shapes:train=400,val=60,size=96,seed=1"  # crops for the backbones (another seed than --data)
+# AdamW recipes per backbone; resnet50's, the best of four tried on a GPU (BENCHMARKS.md), stays at chance with
+# mobilenet's (lr 4e-3, 64 px) and learns in float32 at lr 1e-3 on the crops' own 96 px
+PRETRAIN_RECIPES = {"mobilenet_v3_large": {"lr": 4e-3, "imgsz": 64},
+                    "resnet50": {"lr": 1e-3, "imgsz": 96, "amp": False}}
 PAIRS = {
     "faster": ("detect", "cvforge faster_rcnn_fpn (mobilenet_v3_large)", "torchvision fasterrcnn_mobilenet_v3_large_fpn"),
     "mask": ("instance", "cvforge mask_rcnn (resnet50 FPN)", "torchvision maskrcnn_resnet50_fpn"),
@@ -98,7 +110,7 @@ class TorchvisionDetector(nn.Module):
 def one_input_mobilenet_fpn(num_classes: int, imgsz: int) -> nn.Module:
     """torchvision's ``fasterrcnn_mobilenet_v3_large_fpn`` as its builder makes it (random weights, plain batch
     norm, all layers trainable, RPN score threshold 0.05), except that its FPN takes only the last block's
-    960-channel map (+ the pooled level), as cvforge's ``fpn_levels=1`` does, instead of blocks 13 and 16:
+    960-channel map (+ the pooled level), as cvforge's ``fpn_blocks=["features.16"]``, instead of blocks 13 and 16:
     a diagnostic of where an accuracy gap comes from (``--torchvision-fpn-inputs 1``)."""
     from torchvision.models import mobilenet_v3_large
     from torchvision.models.detection import FasterRCNN
@@ -115,14 +127,16 @@ def build(pair: str, side: str, num_classes: int, imgsz: int, pretrained: str | 
     """One side of a pair; ``options`` (``--cvforge-option``) go to cvforge's model builder."""
     if side == "torchvision":
         return TorchvisionDetector(pair, num_classes, imgsz, pretrained, fpn_inputs)
-    options = options or {}
-    if pair == "faster":  # as torchvision's mobilenet FPN: stride-32 features + a pooled level, 5 sizes x 3 ratios
+    # torchvision's settings where they are settings, not implementation: its anchor sizes, its box loss (smooth L1,
+    # beta 1/9; cvforge's default is Fast R-CNN's 1) and its 1000 proposals at test (cvforge's default: the paper's 300)
+    options = {"box_beta": 1 / 9, "post_nms_top_n": TV_PROPOSALS, **(options or {})}
+    if pair == "faster":  # as torchvision's mobilenet FPN: two stride-32 maps + a pooled level, 5 sizes x 3 ratios
         # each, and its builder's RPN score threshold 0.05 (without it the box head trains on ~500 mostly-background
-        # regions per image: 3.3 vs 7.3 mAP50 in BENCHMARKS.md); cvforge's FPN takes the last block's map only
-        options = {"rpn_score_thresh": 0.05, **options}
+        # regions per image: 3.3 vs 7.3 mAP50 in BENCHMARKS.md)
+        options = {"rpn_score_thresh": 0.05, "fpn_blocks": TV_FPN_BLOCKS, **options}
         return build_model("faster_rcnn_fpn", task="detect", num_classes=num_classes, backbone=BACKBONES[pair],
-                           imgsz=imgsz, fpn_levels=1, anchor_sizes=[list(TV_ANCHORS)] * 2, anchor_reference=imgsz,
-                           pretrained=pretrained, **options)
+                           imgsz=imgsz, anchor_sizes=[list(TV_ANCHORS)] * (len(options["fpn_blocks"]) + 1),
+                           anchor_reference=imgsz, pretrained=pretrained, **options)
     return build_model("mask_rcnn", task="instance", num_classes=num_classes, imgsz=imgsz, backbone=BACKBONES[pair],
                        anchor_sizes=list(TV_ANCHORS), anchor_reference=imgsz, pretrained=pretrained, **options)
 
@@ -135,8 +149,8 @@ def pretrain(pair: str, args: argparse.Namespace, project: Path) -> str | None:
     if done.exists():  # a rerun with the same --project reuses its backbone
         return str(done)
     result = cvforge.train(task="classify", model=BACKBONES[pair], data=PRETRAIN_DATA, epochs=args.pretrain_epochs,
-                           imgsz=64, optimizer="adamw", weight_decay=0.05, lr=4e-3, workers=args.workers,
-                           device=args.device, seed=0, project=str(project / "pretrain"), name=pair)
+                           optimizer="adamw", weight_decay=0.05, workers=args.workers, device=args.device, seed=0,
+                           project=str(project / "pretrain"), name=pair, **PRETRAIN_RECIPES[BACKBONES[pair]])
     print(f"pretrained {BACKBONES[pair]} on {PRETRAIN_DATA} crops: val top-1 {result.best_metric:.3f}")
     return str(result.best or result.last)
 
@@ -240,11 +254,11 @@ def accuracy(pair: str, side: str, args: argparse.Namespace, project: Path, pret
     task, ours, reference = PAIRS[pair]
     config = TrainConfig(task=task, model=f"{pair}-{side}", data=args.data, epochs=args.epochs, imgsz=args.imgsz,
                          batch=args.batch, workers=args.workers, device=args.device, optimizer="sgd", lr=args.lr,
-                         weight_decay=1e-4, warmup_epochs=1.0, patience=0, seed=0, project=str(project),
-                         name=f"{pair}-{side}", metric="loss")
+                         weight_decay=1e-4, warmup_epochs=1.0, patience=0, seed=args.seed, project=str(project),
+                         name=f"{pair}-{side}", metric="loss", amp={"auto": None, "on": True, "off": False}[args.amp])
     train = build_dataset(args.data, "train", task, transforms=build_transforms(task, True, args.imgsz))
     val = build_dataset(args.data, "val", task, transforms=build_transforms(task, False, args.imgsz))
-    seed_everything(0)
+    seed_everything(args.seed)
     model = build(pair, side, len(train.classes), args.imgsz, pretrained, args.cvforge_options,
                   args.torchvision_fpn_inputs)
     result = Trainer(config, model, train).fit()
@@ -284,6 +298,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the detectors' initialisation and data order")
+    parser.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                        help="mixed precision while training (auto: cvforge's default, float16 on CUDA only)")
     parser.add_argument("--speed-steps", type=int, default=10, help="timed steps per side (interleaved)")
     parser.add_argument("--proposals", choices=("own", "shared"), default="own",
                         help="training speed with each RPN's own proposals, or the same ones on both sides")
