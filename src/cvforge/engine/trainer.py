@@ -504,9 +504,11 @@ class Trainer:
         return False
 
     def _summary(self, row: dict[str, Any], improved: bool) -> str:
-        metric = row.get(f"metrics/{self.metric_name}", row["train/loss"])
-        return (f"epoch {self.epoch}/{self.config.epochs}  loss {row['train/loss']:.4g}  {self.metric_name} "
-                f"{metric:.4g}{' (best)' if improved else ''}  lr {row['lr']:.3g}  "
+        scores = f"loss {row['train/loss']:.4g}"  # with --metric loss the train loss is the metric: shown once
+        if f"metrics/{self.metric_name}" in row:
+            scores += f"  {self.metric_name} {row[f'metrics/{self.metric_name}']:.4g}"
+        scores += " (best)" if improved else ""
+        return (f"epoch {self.epoch}/{self.config.epochs}  {scores}  lr {row['lr']:.3g}  "
                 f"{row['images_per_s']:.0f} img/s  {row['time']:.1f}s")
 
     def _save_last(self) -> None:
