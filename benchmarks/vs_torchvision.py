@@ -31,8 +31,7 @@ With ``--project DIR`` the runs are kept there and a rerun reuses the pretrained
     python benchmarks/vs_torchvision.py --pairs mask --epochs 0 --proposals shared    # speed, equal work per step
     python benchmarks/vs_torchvision.py --pairs faster --pretrain-epochs 30 --data shapes:train=192,val=64,size=256 \
         --imgsz 256 --epochs 10 --project runs/vs_tv
-    python benchmarks/vs_torchvision.py --device cuda --pairs mask --pretrain-epochs 36 --imgsz 256 --batch 8 \
-        --data shapes:train=512,val=128,size=256 --epochs 12 --workers 3 --amp off        # on a GPU (BENCHMARKS.md)
+    bash benchmarks/vs_torchvision_gpu.sh          # on a GPU: both pairs, two seeds, the sides side by side
 
 Prints a Markdown table (and writes it to --out when given).
 """
@@ -65,9 +64,9 @@ TV_FPN_BLOCKS = ["features.13", "features.16"]  # torchvision's mobilenet_v3_lar
 TV_PROPOSALS = (2000, 1000)  # proposals kept after the RPN's NMS (training, test), torchvision's
 BACKBONES = {"faster": "mobilenet_v3_large", "mask": "resnet50"}
 PRETRAIN_DATA = "shapes:train=400,val=60,size=96,seed=1"  # crops for the backbones (another seed than --data)
-# AdamW recipes per backbone; resnet50's, the best of four tried on a GPU (BENCHMARKS.md), stays at chance with
-# mobilenet's (lr 4e-3, 64 px) and learns in float32 at lr 1e-3 on the crops' own 96 px
-PRETRAIN_RECIPES = {"mobilenet_v3_large": {"lr": 4e-3, "imgsz": 64},
+# AdamW recipes per backbone, in float32 on every device; resnet50's, the best of four tried on a GPU
+# (BENCHMARKS.md), stays at chance with mobilenet's (lr 4e-3, 64 px) and learns at lr 1e-3 on the crops' own 96 px
+PRETRAIN_RECIPES = {"mobilenet_v3_large": {"lr": 4e-3, "imgsz": 64, "amp": False},
                     "resnet50": {"lr": 1e-3, "imgsz": 96, "amp": False}}
 PAIRS = {
     "faster": ("detect", "cvforge faster_rcnn_fpn (mobilenet_v3_large)", "torchvision fasterrcnn_mobilenet_v3_large_fpn"),
@@ -255,7 +254,7 @@ def accuracy(pair: str, side: str, args: argparse.Namespace, project: Path, pret
     config = TrainConfig(task=task, model=f"{pair}-{side}", data=args.data, epochs=args.epochs, imgsz=args.imgsz,
                          batch=args.batch, workers=args.workers, device=args.device, optimizer="sgd", lr=args.lr,
                          weight_decay=1e-4, warmup_epochs=1.0, patience=0, seed=args.seed, project=str(project),
-                         name=f"{pair}-{side}", metric="loss", amp={"auto": None, "on": True, "off": False}[args.amp])
+                         name=f"{pair}-{side}-seed{args.seed}", metric="loss", amp={"auto": None, "on": True, "off": False}[args.amp])
     train = build_dataset(args.data, "train", task, transforms=build_transforms(task, True, args.imgsz))
     val = build_dataset(args.data, "val", task, transforms=build_transforms(task, False, args.imgsz))
     seed_everything(args.seed)
@@ -263,7 +262,7 @@ def accuracy(pair: str, side: str, args: argparse.Namespace, project: Path, pret
                   args.torchvision_fpn_inputs)
     result = Trainer(config, model, train).fit()
     last = evaluate(model, val, task, args)
-    row = {"model": ours if side == "cvforge" else reference,
+    row = {"model": ours if side == "cvforge" else reference, "seed": args.seed,
            "box mAP50-95": last["mAP50-95"], "box mAP50": last["mAP50"]}
     if task == "instance":
         row["mask mAP50-95"] = last["mask_mAP50-95"]
@@ -301,7 +300,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the detectors' initialisation and data order")
     parser.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
                         help="mixed precision while training (auto: cvforge's default, float16 on CUDA only)")
-    parser.add_argument("--speed-steps", type=int, default=10, help="timed steps per side (interleaved)")
+    parser.add_argument("--speed-steps", type=int, default=10, help="timed steps per side (interleaved; 0: no timing)")
+    parser.add_argument("--prepare", action="store_true",
+                        help="only make the data sets and pretrain the backbones (needs --project), then stop")
     parser.add_argument("--proposals", choices=("own", "shared"), default="own",
                         help="training speed with each RPN's own proposals, or the same ones on both sides")
     parser.add_argument("--pretrain-epochs", type=int, default=0,
@@ -317,23 +318,33 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the table to this file")
     args = parser.parse_args()
     args.cvforge_options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.cvforge_option)}
+    if args.prepare and not (args.project and args.pretrain_epochs):
+        parser.error("--prepare needs --project (where the runs find what it made) and --pretrain-epochs")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as temporary:
         project = args.project or temporary
         for pair in args.pairs.split(","):
-            measured = speeds(pair, args)
+            if args.prepare:  # the data sets and the pretrained backbone, for runs that start side by side
+                for split in ("train", "val"):
+                    build_dataset(args.data, split, PAIRS[pair][0])
+                pretrain(pair, args, Path(project))
+                continue
+            measured = speeds(pair, args) if args.speed_steps else {}
             pretrained = pretrain(pair, args, Path(project)) if args.epochs else None
             for side in args.sides.split(","):
                 row = accuracy(pair, side, args, Path(project), pretrained) if args.epochs else {"model": PAIRS[pair][1 + (side != "cvforge")]}
-                row["train img/s"], row["infer ms/img"] = measured[side]
+                if side in measured:
+                    row["train img/s"], row["infer ms/img"] = measured[side]
                 rows.append(row)
                 print(table(rows[-1:]), flush=True)
+    if args.prepare:
+        return
     start = (f"backbones pretrained {args.pretrain_epochs} epochs on {PRETRAIN_DATA} crops" if args.pretrain_epochs
              else "from scratch")
     text = (f"data {args.data}, {args.epochs} epochs, imgsz {args.imgsz}, batch {args.batch}, SGD lr {args.lr} "
-            f"(momentum 0.9, weight decay 1e-4, 1 warm-up epoch, cosine), "
+            f"(momentum 0.9, weight decay 1e-4, 1 warm-up epoch, cosine), AMP {args.amp}, "
             f"{start}; mAP in points\n\n{table(rows)}")
     print(text)
     if args.out:

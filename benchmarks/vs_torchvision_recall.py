@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--project", type=Path, required=True, help="the --project of a vs_torchvision.py run")
     parser.add_argument("--data", required=True, help="its --data")
     parser.add_argument("--imgsz", type=int, required=True, help="its --imgsz")
-    parser.add_argument("--runs", default="faster-cvforge,faster-torchvision", help="run folders under --project")
+    parser.add_argument("--runs", default="faster-cvforge-seed0,faster-torchvision-seed0", help="run folders under --project")
     parser.add_argument("--images", type=int, default=48)
     args = parser.parse_args()
     val = build_dataset(args.data, "val", "detect")
