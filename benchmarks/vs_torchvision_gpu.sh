@@ -3,7 +3,11 @@
 # torchvision's settings on cvforge's side (benchmarks/vs_torchvision.py), for each seed in SEEDS.
 #
 #   bash benchmarks/vs_torchvision_gpu.sh                     # OUT=runs/vs_tv_gpu SEEDS="0 1"
-#   SEEDS=1 SKIP_PREPARE=1 bash benchmarks/vs_torchvision_gpu.sh   # another seed on the same (warm) machine
+#   # or in two calls of under ~6 minutes each on an H200 (estimated from single runs there), the second on the
+#   # same warm machine, which keeps runs/:
+#   SEEDS=0 SKIP_SPEED=1 bash benchmarks/vs_torchvision_gpu.sh
+#   SEEDS=1 SKIP_PREPARE=1 bash benchmarks/vs_torchvision_gpu.sh
+# It needs cvforge's dependencies where it runs (pip install -e .; pycocotools is enough for the evaluator).
 #
 # First the data sets and both pretrained backbones (the two pairs side by side; a data set is made once, under
 # a file lock), so that the training runs find them; then every (pair, seed, side) trains in a process of its
