@@ -4,7 +4,7 @@ import argparse
 import pytest
 from PIL import Image
 
-from cvforge.cli import model_options
+from cvforge.cli import build_parser, model_options
 from cvforge.errors import CvforgeError
 from cvforge.recipes import recipe_for, resolve_config
 from cvforge.zoo import build_model, builder_options
@@ -60,6 +60,14 @@ def test_unknown_train_flags_become_typed_model_options():
     args = argparse.Namespace(model="yolo-n")
     assert model_options(args, ["--close-mosaic", "3", "--conf=0.25"]) == {"close_mosaic": 3, "conf": 0.25}
     assert model_options(argparse.Namespace(model="fcn16s"), ["--upsample", "bilinear"]) == {"upsample": "bilinear"}
+
+
+def test_a_model_option_that_prefixes_a_train_flag_reaches_the_model():
+    # --backbone is a prefix of train's --backbone-lr-mult: argparse must not take one for the other
+    args, extra = build_parser().parse_known_args(
+        ["train", "--model", "faster_rcnn_fpn", "--backbone", "mobilenet_v3_large", "--fpn-blocks", "[features.16]"])
+    assert not hasattr(args, "backbone_lr_mult")
+    assert model_options(args, extra) == {"backbone": "mobilenet_v3_large", "fpn_blocks": ["features.16"]}
 
 
 @pytest.mark.parametrize("extra, message", [(["--nope", "1"], "unknown option --nope for model yolo-n"),

@@ -36,8 +36,10 @@ def _train_parser(sub) -> None:
     """`cvforge train`: one flag per TrainConfig field, so the CLI and the Python API share one vocabulary."""
     import dataclasses
     from cvforge.config import TrainConfig
+    # allow_abbrev=False: a model option may be a prefix of a train flag (--backbone of --backbone-lr-mult), and
+    # argparse would otherwise take the one for the other
     train = sub.add_parser("train", help="train a model (default: the task's default model on the built-in data)",
-                           argument_default=argparse.SUPPRESS,
+                           argument_default=argparse.SUPPRESS, allow_abbrev=False,
                            epilog="Any other --name value is an option of the model's builder, e.g. "
                                   "--upsample bilinear (FCN) or --close-mosaic 5 (YOLO).")
     defaults = TrainConfig()
