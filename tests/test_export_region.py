@@ -92,6 +92,18 @@ def test_export_parity_and_the_same_detections(tmp_path, capsys, name):
             assert g["masks"].shape == e["masks"].shape and (g["masks"] == e["masks"]).float().mean() > 0.999
 
 
+def test_an_fpn_over_blocks_inside_a_stage_exports_with_parity(tmp_path, capsys):
+    # torchvision's mobilenet FPN layout: two maps of the stride-32 stage (its first block and its last)
+    checkpoint = save_region_detector(tmp_path / "best.pt", "faster_rcnn_fpn", backbone="mobilenet_v3_small",
+                                      fpn_blocks=["features.9", "features.12"])
+    export_onnx(checkpoint)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("onnx parity")]
+    diffs = _parity(" ".join(lines))
+    # an untrained mobilenet's maps are nearly constant on noise: one of the two checks finds detections
+    assert len(lines) == 2 and any(int(n) > 0 for n in re.findall(r"(\d+) detections", " ".join(lines)))
+    assert len(diffs) >= 2 and max(diffs) <= PARITY_TOLERANCE
+
+
 def test_the_parity_check_sees_detections_the_score_threshold_hides(tmp_path, capsys):
     """Scores of about 1 / 4 under a threshold of 0.9: the model finds nothing on the noise image, the check
     still compares detections (its threshold is an input of the graph), and so can predict."""
