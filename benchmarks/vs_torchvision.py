@@ -254,7 +254,8 @@ def accuracy(pair: str, side: str, args: argparse.Namespace, project: Path, pret
     config = TrainConfig(task=task, model=f"{pair}-{side}", data=args.data, epochs=args.epochs, imgsz=args.imgsz,
                          batch=args.batch, workers=args.workers, device=args.device, optimizer="sgd", lr=args.lr,
                          weight_decay=1e-4, warmup_epochs=1.0, patience=0, seed=args.seed, project=str(project),
-                         name=f"{pair}-{side}-seed{args.seed}", metric="loss", amp={"auto": None, "on": True, "off": False}[args.amp])
+                         name=f"{pair}-{side}-seed{args.seed}", metric="loss", amp={"auto": None, "on": True, "off": False}[args.amp],
+                         amp_dtype=args.amp_dtype)
     train = build_dataset(args.data, "train", task, transforms=build_transforms(task, True, args.imgsz))
     val = build_dataset(args.data, "val", task, transforms=build_transforms(task, False, args.imgsz))
     seed_everything(args.seed)
@@ -300,6 +301,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the detectors' initialisation and data order")
     parser.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
                         help="mixed precision while training (auto: cvforge's default, float16 on CUDA only)")
+    parser.add_argument("--amp-dtype", choices=("", "float16", "bfloat16"), default="",
+                        help="autocast type when AMP is on ('': float16 on CUDA, bfloat16 on CPU)")
     parser.add_argument("--speed-steps", type=int, default=10, help="timed steps per side (interleaved; 0: no timing)")
     parser.add_argument("--prepare", action="store_true",
                         help="only make the data sets and pretrain the backbones (needs --project), then stop")
@@ -344,7 +347,7 @@ def main() -> None:
     start = (f"backbones pretrained {args.pretrain_epochs} epochs on {PRETRAIN_DATA} crops" if args.pretrain_epochs
              else "from scratch")
     text = (f"data {args.data}, {args.epochs} epochs, imgsz {args.imgsz}, batch {args.batch}, SGD lr {args.lr} "
-            f"(momentum 0.9, weight decay 1e-4, 1 warm-up epoch, cosine), AMP {args.amp}, "
+            f"(momentum 0.9, weight decay 1e-4, 1 warm-up epoch, cosine), AMP {args.amp} {args.amp_dtype}, "
             f"{start}; mAP in points\n\n{table(rows)}")
     print(text)
     if args.out:

@@ -13,7 +13,7 @@
 # a file lock), so that the training runs find them; then every (pair, seed, side) trains in a process of its
 # own, all side by side on the one GPU: the two sides of a pair share the machine alike, so their `train min` compare, and the wall time is
 # that of the slowest run. Mask R-CNN trains in float32: under float16 AMP it diverged on both sides
-# (BENCHMARKS.md). Last, the speeds, one pair at a time on the idle GPU. Each run's table lands in
+# (BENCHMARKS.md); MASK_AMP="--amp on --amp-dtype bfloat16" tries bfloat16 instead. Last, the speeds, one pair at a time on the idle GPU. Each run's table lands in
 # $OUT/<pair>-<seed>-<side>.md, all of them together in $OUT/table.md.
 set -u
 OUT=${OUT:-runs/vs_tv_gpu}
@@ -21,7 +21,7 @@ SEEDS=${SEEDS:-0 1}
 DATA=${DATA:-shapes:train=512,val=128,size=256}
 COMMON="--device ${DEVICE:-cuda} --imgsz ${IMGSZ:-256} --batch ${BATCH:-8} --data $DATA --workers ${WORKERS:-2}"
 FASTER="--pairs faster --pretrain-epochs 30 --epochs ${FASTER_EPOCHS:-24}"
-MASK="--pairs mask --pretrain-epochs 36 --epochs ${MASK_EPOCHS:-12} --amp off"
+MASK="--pairs mask --pretrain-epochs 36 --epochs ${MASK_EPOCHS:-12} ${MASK_AMP:---amp off}"
 mkdir -p "$OUT"
 start=$SECONDS
 

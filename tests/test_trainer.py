@@ -193,6 +193,18 @@ def test_amp_on_cpu_uses_bfloat16_autocast(tmp_path):
     assert model.conv.weight.dtype == torch.float32  # autocast, not a cast of the weights
 
 
+def test_amp_dtype_picks_the_autocast_type_and_float16_needs_a_gpu(tmp_path):
+    from cvforge.engine.trainer import Trainer, autocast_dtype
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (autocast_dtype("", cpu), autocast_dtype("", cuda)) == (torch.bfloat16, torch.float16)
+    assert autocast_dtype("bfloat16", cuda) == torch.bfloat16 and autocast_dtype("float16", cuda) == torch.float16
+    with pytest.raises(CvforgeError, match="emulated.*--amp-dtype bfloat16"):
+        Trainer(TrainConfig(**{**_toy.TOY, "project": str(tmp_path), "amp": True, "amp_dtype": "float16"}),
+                AutocastProbe(), _toy.ToyData(8))
+    with pytest.raises(CvforgeError, match="unknown amp_dtype 'half'"):
+        TrainConfig(amp_dtype="half")
+
+
 def test_config_round_trips_through_yaml_and_rejects_mistakes(tmp_path):
     config = TrainConfig(task="detect", lr=0.02, amp=True, device="0")
     assert TrainConfig.load_yaml(config.save_yaml(tmp_path / "c.yaml")) == config

@@ -82,6 +82,17 @@ def _epoch_sums() -> dict[str, Any]:
     return {"losses": {}, "batches": 0, "images": 0, "seconds": 0.0, "skipped": 0}
 
 
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype for ``--amp-dtype name`` ("" = float16 on CUDA, bfloat16 elsewhere). float16 needs a
+    GradScaler and can overflow (a Mask R-CNN on an H200 did: BENCHMARKS.md); bfloat16 keeps float32's range."""
+    if not name:
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    if name == "float16" and device.type == "cpu":
+        raise CvforgeError("float16 autocast on a CPU is emulated (minutes per step)", None,
+                           "use --amp-dtype bfloat16 (native on CPUs with AMX), or --amp false")
+    return getattr(torch, name)
+
 class Trainer:
     """Trains ``model`` on ``train_data`` as ``config`` says (module docstring).
 
@@ -149,7 +160,7 @@ class Trainer:
         self.lr_factor = LRFactor(config.scheduler, *self._schedule(config.epochs * self._steps_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         amp = config.amp if config.amp is not None else self.device.type == "cuda"
-        dtype = (torch.float16 if self.device.type == "cuda" else torch.bfloat16) if amp else None
+        dtype = autocast_dtype(config.amp_dtype, self.device) if amp else None
         self._autocast = (functools.partial(torch.autocast, self.device.type, dtype=dtype) if dtype
                           else contextlib.nullcontext)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
