@@ -7,7 +7,8 @@
 #   # same warm machine, which keeps runs/:
 #   SEEDS=0 SKIP_SPEED=1 bash benchmarks/vs_torchvision_gpu.sh
 #   SEEDS=1 SKIP_PREPARE=1 bash benchmarks/vs_torchvision_gpu.sh
-# It needs cvforge's dependencies where it runs (pip install -e .; pycocotools is enough for the evaluator).
+# It needs cvforge importable where it runs (pip install -e ., or PYTHONPATH=src with torch, torchvision, pyyaml,
+# pillow, opencv, tqdm, matplotlib and pycocotools installed); PYTHON picks the interpreter (default python3).
 #
 # First the data sets and both pretrained backbones (the two pairs side by side; a data set is made once, under
 # a file lock), so that the training runs find them; then every (pair, seed, side) trains in a process of its
@@ -22,12 +23,13 @@ DATA=${DATA:-shapes:train=512,val=128,size=256}
 COMMON="--device ${DEVICE:-cuda} --imgsz ${IMGSZ:-256} --batch ${BATCH:-8} --data $DATA --workers ${WORKERS:-2}"
 FASTER="--pairs faster --pretrain-epochs 30 --epochs ${FASTER_EPOCHS:-24}"
 MASK="--pairs mask --pretrain-epochs 36 --epochs ${MASK_EPOCHS:-12} ${MASK_AMP:---amp off}"
+PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 start=$SECONDS
 
 if [ -z "${SKIP_PREPARE:-}" ]; then
-  python benchmarks/vs_torchvision.py $COMMON $FASTER --project "$OUT" --prepare > "$OUT/prepare-faster.log" 2>&1 &
-  python benchmarks/vs_torchvision.py $COMMON $MASK --project "$OUT" --prepare > "$OUT/prepare-mask.log" 2>&1
+  $PY benchmarks/vs_torchvision.py $COMMON $FASTER --project "$OUT" --prepare > "$OUT/prepare-faster.log" 2>&1 &
+  $PY benchmarks/vs_torchvision.py $COMMON $MASK --project "$OUT" --prepare > "$OUT/prepare-mask.log" 2>&1
   wait
   grep -h "top-1" "$OUT"/prepare-*.log
   echo "prepared in $((SECONDS - start)) s"
@@ -35,9 +37,9 @@ fi
 
 for seed in $SEEDS; do
   for side in cvforge torchvision; do
-    python benchmarks/vs_torchvision.py $COMMON $FASTER --seed "$seed" --sides $side --speed-steps 0 \
+    $PY benchmarks/vs_torchvision.py $COMMON $FASTER --seed "$seed" --sides $side --speed-steps 0 \
       --project "$OUT" --out "$OUT/faster-$seed-$side.md" > "$OUT/faster-$seed-$side.log" 2>&1 &
-    python benchmarks/vs_torchvision.py $COMMON $MASK --seed "$seed" --sides $side --speed-steps 0 \
+    $PY benchmarks/vs_torchvision.py $COMMON $MASK --seed "$seed" --sides $side --speed-steps 0 \
       --project "$OUT" --out "$OUT/mask-$seed-$side.md" > "$OUT/mask-$seed-$side.log" 2>&1 &
   done
 done
@@ -46,7 +48,7 @@ echo "trained in $((SECONDS - start)) s"
 
 if [ -z "${SKIP_SPEED:-}" ]; then
   for pair in faster mask; do
-    python benchmarks/vs_torchvision.py $COMMON --pairs $pair --epochs 0 --speed-steps 20 \
+    $PY benchmarks/vs_torchvision.py $COMMON --pairs $pair --epochs 0 --speed-steps 20 \
       --out "$OUT/speed-$pair.md" > "$OUT/speed-$pair.log" 2>&1
   done
 fi
