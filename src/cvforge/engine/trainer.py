@@ -82,7 +82,6 @@ def _epoch_sums() -> dict[str, Any]:
     return {"losses": {}, "batches": 0, "images": 0, "seconds": 0.0, "skipped": 0}
 
 
-
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
     """The autocast dtype for ``--amp-dtype name`` ("" = float16 on CUDA, bfloat16 elsewhere). float16 needs a
     GradScaler and can overflow (a Mask R-CNN on an H200 did: BENCHMARKS.md); bfloat16 keeps float32's range."""
@@ -92,6 +91,7 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
         raise CvforgeError("float16 autocast on a CPU is emulated (minutes per step)", None,
                            "use --amp-dtype bfloat16 (native on CPUs with AMX), or --amp false")
     return getattr(torch, name)
+
 
 class Trainer:
     """Trains ``model`` on ``train_data`` as ``config`` says (module docstring).

@@ -55,7 +55,7 @@ class Backbone(nn.Module):
     """
 
     def __init__(self, name: str, body: nn.ModuleDict, stage_paths: list[list[str]],
-                 out_channels: list[int], strides: list[int], block_channels: dict[str, int] | None = None):
+                 out_channels: list[int], strides: list[int], block_channels: dict[str, int]):
         super().__init__()
         self.name = name
         self.body = body
@@ -65,7 +65,7 @@ class Backbone(nn.Module):
         self.stage_paths = stage_paths
         self.out_channels = out_channels
         self.strides = strides
-        self.block_channels = block_channels or {}
+        self.block_channels = block_channels
         self.frozen_stages = 0
 
     @property
@@ -73,12 +73,7 @@ class Backbone(nn.Module):
         return [nn.Sequential(*(self.body.get_submodule(p) for p in paths)) for paths in self.stage_paths]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        features = []
-        for paths in self.stage_paths:
-            for path in paths:
-                x = self.body.get_submodule(path)(x)
-            features.append(x)
-        return features
+        return self.forward_blocks(x, [paths[-1] for paths in self.stage_paths])  # each stage's last block
 
     def forward_blocks(self, x: torch.Tensor, paths: list[str]) -> list[torch.Tensor]:
         """The outputs of the blocks named by ``paths`` (in chain order), float [B, C, H/s, W/s] each; the

@@ -103,28 +103,21 @@ def _chain_order(backbone: Backbone, blocks: list[str]) -> list[str]:
 def _truncate(backbone: Backbone, max_stride: int) -> None:
     """Drop the stages whose stride exceeds ``max_stride`` (their modules too: no unused parameters)."""
     keep = sum(1 for s in backbone.strides if s <= max_stride)
-    _drop_blocks(backbone, [p for paths in backbone.stage_paths[keep:] for p in paths])
-    backbone.stage_paths = backbone.stage_paths[:keep]
-    backbone.out_channels, backbone.strides = backbone.out_channels[:keep], backbone.strides[:keep]
+    _truncate_after(backbone, backbone.stage_paths[keep - 1][-1])
 
 
 def _truncate_after(backbone: Backbone, last: str) -> None:
-    """Drop the blocks after the block ``last`` (a stage cut inside ends there, with that block's channels)."""
+    """Drop the blocks after the block ``last``, their modules too (a stage cut inside ends there, with that
+    block's channels)."""
     keep = next(i for i, paths in enumerate(backbone.stage_paths) if last in paths)
     cut = backbone.stage_paths[keep].index(last) + 1
-    _drop_blocks(backbone, backbone.stage_paths[keep][cut:] + [p for paths in backbone.stage_paths[keep + 1:]
-                                                              for p in paths])
+    for path in backbone.stage_paths[keep][cut:] + [p for paths in backbone.stage_paths[keep + 1:] for p in paths]:
+        parent, _, name = path.rpartition(".")
+        delattr(backbone.body.get_submodule(parent) if parent else backbone.body, name)
+        del backbone.block_channels[path]
     backbone.stage_paths = backbone.stage_paths[:keep] + [backbone.stage_paths[keep][:cut]]
     backbone.out_channels = backbone.out_channels[:keep] + [backbone.block_channels[last]]
     backbone.strides = backbone.strides[:keep + 1]
-
-
-def _drop_blocks(backbone: Backbone, paths: list[str]) -> None:
-    """Remove these blocks' modules from the backbone's body (and from ``block_channels``)."""
-    for path in paths:
-        parent, _, name = path.rpartition(".")
-        delattr(backbone.body.get_submodule(parent) if parent else backbone.body, name)
-        backbone.block_channels.pop(path, None)
 
 
 def resize_batch(images: Any, side: int, device: torch.device) -> tuple[torch.Tensor, list[float], list[tuple[int, int]]]:
