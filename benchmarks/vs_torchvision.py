@@ -49,13 +49,13 @@ from _markdown import markdown_table  # benchmarks/_markdown.py
 from torch import nn
 
 import cvforge
+from cvforge.api import evaluate_module
 from cvforge.config import TrainConfig
 from cvforge.data import build_dataset
 from cvforge.data.loader import build_loader
 from cvforge.data.transforms import build_transforms
 from cvforge.engine.optim import resolve_device, seed_everything, to_device
 from cvforge.engine.trainer import Trainer
-from cvforge.eval import build_evaluator
 from cvforge.models.weights import load_pretrained
 from cvforge.zoo import build_model
 
@@ -254,8 +254,8 @@ def accuracy(pair: str, side: str, args: argparse.Namespace, project: Path, pret
     config = TrainConfig(task=task, model=f"{pair}-{side}", data=args.data, epochs=args.epochs, imgsz=args.imgsz,
                          batch=args.batch, workers=args.workers, device=args.device, optimizer="sgd", lr=args.lr,
                          weight_decay=1e-4, warmup_epochs=1.0, patience=0, seed=args.seed, project=str(project),
-                         name=f"{pair}-{side}-seed{args.seed}", metric="loss", amp={"auto": None, "on": True, "off": False}[args.amp],
-                         amp_dtype=args.amp_dtype)
+                         name=f"{pair}-{side}-seed{args.seed}", metric="loss",
+                         amp={"auto": None, "on": True, "off": False}[args.amp], amp_dtype=args.amp_dtype)
     train = build_dataset(args.data, "train", task, transforms=build_transforms(task, True, args.imgsz))
     val = build_dataset(args.data, "val", task, transforms=build_transforms(task, False, args.imgsz))
     seed_everything(args.seed)
@@ -272,15 +272,10 @@ def accuracy(pair: str, side: str, args: argparse.Namespace, project: Path, pret
     return row
 
 
-@torch.inference_mode()
 def evaluate(model: nn.Module, val, task: str, args: argparse.Namespace) -> dict[str, float]:
-    """cvforge's evaluator over the val split (what the trainer's validation computes), batch ``--batch``."""
+    """cvforge's evaluator over the val split (what ``cvforge eval`` computes), batch ``--batch``."""
     device = resolve_device(args.device)
-    evaluator = build_evaluator(task, val.classes)
-    evaluator.reset()
-    model.to(device).eval()
-    for images, targets in build_loader(val, task, batch_size=args.batch, shuffle=False):
-        evaluator.update(to_device(model(to_device(images, device)), "cpu"), targets)
+    evaluator = evaluate_module(model.to(device).eval(), val, task, device, batch=args.batch)
     return {key: float(value) for key, value in evaluator.compute().items()}
 
 

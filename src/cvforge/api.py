@@ -175,19 +175,30 @@ def evaluate(weights: str | os.PathLike, data: str | None = None, split: str = "
              quiet: bool = False) -> dict[str, float]:
     """Metrics of a checkpoint on a data split (default: the data it was trained on); writes the task's
     plots (e.g. the confusion matrix) to ``out`` (default: a new ``runs/<task>/eval`` folder)."""
-    from cvforge.data.loader import build_loader
     from cvforge.predict import write_eval_plots
     model = load(weights, device)
     dataset = build_dataset(data or model.config.data, split, model.task, transforms=model.transforms)
     if dataset.classes != model.classes:
         raise CvforgeError(f"the data has classes {dataset.classes[:6]}, the model {model.classes[:6]}",
                            data or model.config.data, "evaluate on data with the classes the model was trained on")
-    evaluator = build_evaluator(model.task, model.classes)
-    loader = build_loader(dataset, model.task, batch_size=batch, shuffle=False, num_workers=workers)
-    from tqdm import tqdm
-    for images, targets in tqdm(loader, desc=f"eval {split}", leave=False, disable=quiet):
-        evaluator.update(to_device(model.module(to_device(images, model.device)), "cpu"), targets)
+    evaluator = evaluate_module(model.module, dataset, model.task, model.device, batch=batch, workers=workers,
+                                desc=None if quiet else f"eval {split}")
     metrics = {key: float(value) for key, value in evaluator.compute().items()}
     out = Path(out) if out else next_run_dir(Path("runs") / model.task, "eval")
     write_eval_plots(model.task, evaluator, model.classes, out)
     return metrics
+
+
+@torch.inference_mode()
+def evaluate_module(module: nn.Module, dataset, task: str, device: torch.device, *, batch: int = 16,
+                    workers: int = 0, desc: str | None = None):
+    """The task's evaluator after ``module`` (in eval mode, on ``device``) predicted every sample of
+    ``dataset``; ``compute()`` gives the metrics. desc: a progress bar's label (None: no bar)."""
+    from tqdm import tqdm
+
+    from cvforge.data.loader import build_loader
+    evaluator = build_evaluator(task, dataset.classes)
+    loader = build_loader(dataset, task, batch_size=batch, shuffle=False, num_workers=workers)
+    for images, targets in tqdm(loader, desc=desc, leave=False, disable=desc is None):
+        evaluator.update(to_device(module(to_device(images, device)), "cpu"), targets)
+    return evaluator
