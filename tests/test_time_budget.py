@@ -135,3 +135,25 @@ def test_time_is_a_train_flag_and_must_not_be_negative():
     assert TrainConfig().time == 0.0
     with pytest.raises(CvforgeError, match="time must not be negative"):
         TrainConfig(time=-1)
+
+
+def test_val_period_validates_every_nth_epoch_and_the_budget_gives_the_time_saved_to_training(tmp_path, clock,
+                                                                                                capsys):
+    result = fit(clock, config(tmp_path, val_period=3), cost=1.0)
+    # epoch 1: 6 s + 3 s of validation; later epochs 6 s + 3 s / 3 on average; the last is validated in full:
+    # 1 + (60 - 9 - 3 * 2 / 3) // 7 = 8 epochs, validated after epochs 1, 3, 6 and 8
+    assert "time budget 1 min: 8 epochs, the first took 9.0 s with validation" in capsys.readouterr().out
+    assert result.epochs == 8 and clock.now == 8 * 6 + 4 * 3
+    validated = [row["epoch"] for row in result.history if "metrics/top1" in row]
+    assert validated == [1, 3, 6, 8]
+    best_epoch = next(row["epoch"] for row in result.history if row.get("metrics/top1") == result.best_metric)
+    assert load_checkpoint(result.best)["epoch"] == best_epoch  # best.pt is one of the validated epochs
+    header, *rows = (result.save_dir / "metrics.csv").read_text().splitlines()
+    top1 = header.split(",").index("metrics/top1")
+    assert [row.split(",")[top1] != "" for row in rows] == [e in validated for e in range(1, 9)]
+
+
+def test_val_period_is_a_train_flag_of_at_least_one():
+    assert build_parser().parse_args(["train", "--val-period", "5"]).val_period == 5
+    with pytest.raises(CvforgeError, match="val_period must be at least 1"):
+        TrainConfig(val_period=0)

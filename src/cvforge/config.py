@@ -77,6 +77,9 @@ class TrainConfig:
     drop_last: bool = False
     persistent_workers: bool = False
     save_period: int = 0  # also keep weights/epoch<N>.pt every N epochs; 0 = off
+    # validate after every N-th epoch (and always after the first and the last): validation costs ~15 % of
+    # a short detection epoch, time a time budget then gives to training; best.pt is chosen among these
+    val_period: int = 1
     max_bad_steps: int = 10  # non-finite losses in a row before the run stops with an error
 
     def __post_init__(self) -> None:
@@ -86,7 +89,7 @@ class TrainConfig:
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
         if self.amp_dtype:
             _check_choice("amp_dtype", self.amp_dtype, AMP_DTYPES)
-        for name in ("epochs", "batch", "accumulate", "devices", "max_bad_steps", "imgsz"):
+        for name in ("epochs", "batch", "accumulate", "devices", "max_bad_steps", "imgsz", "val_period"):
             if getattr(self, name) < 1:
                 raise CvforgeError(f"{name} must be at least 1, got {getattr(self, name)}", None,
                                    f"pass --{name} 1 or more")

@@ -87,8 +87,9 @@ def plot_metrics_csv(csv_path: str | os.PathLike, out_path: str | os.PathLike) -
     fig = Figure(figsize=(5 * max(len(panels), 1), 4))
     for index, (title, keys) in enumerate(panels.items(), start=1):
         ax = fig.add_subplot(1, len(panels), index)
-        for key in keys:
-            ax.plot(x, columns[key], marker="o", markersize=3, label=key)
+        for key in keys:  # blank cells (e.g. epochs without validation, --val-period) are left out
+            points = [(epoch, value) for epoch, value in zip(x, columns[key]) if not math.isnan(value)]
+            ax.plot(*zip(*points) if points else ([], []), marker="o", markersize=3, label=key)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)

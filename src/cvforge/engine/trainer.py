@@ -261,7 +261,7 @@ class Trainer:
             while not self.finished:
                 if not self._train_epoch():
                     return self._stopped(save=True)
-                if self._end_epoch(self._validate()):
+                if self._end_epoch(self._validate() if self._validates() else None):
                     return self._stopped(save=False)
         result = self._result(stopped=False)
         self._call("on_train_end", result)
@@ -342,7 +342,9 @@ class Trainer:
         epochs are timed by the first one's second half: its first batches pay once for warm-up and for
         filling the image cache (the demo's first epoch: 7.4 s, the next ones ~6 s)."""
         seconds = train_seconds + self._val_seconds
-        budget, later = self.config.time * 60, max(self._later_epoch_seconds(train_seconds, seconds), 1e-9)
+        later = max(self._later_epoch_seconds(train_seconds, seconds), 1e-9)
+        # the last epoch is validated whatever val_period says: its validation beyond the average
+        budget = self.config.time * 60 - self._val_seconds * (1 - 1 / self.config.val_period)
         epochs = dist.broadcast_object(max(1, 1 + int((budget - seconds) // later)))
         self.config = dataclasses.replace(self.config, epochs=epochs)
         if not self._cut_at:  # a cut epoch ends the run; its schedule was fitted while it ran
@@ -361,7 +363,7 @@ class Trainer:
             return first
         batch, spent = self._half_mark
         per_batch = (train_seconds - spent) / (self.batches_per_epoch - batch)
-        return per_batch * self.batches_per_epoch + self._val_seconds
+        return per_batch * self.batches_per_epoch + self._val_seconds / self.config.val_period
 
     # ----------------------------------------------------------------------- one step
     def _forward_backward(self, images: Any, targets: Any) -> None:
@@ -440,6 +442,12 @@ class Trainer:
     def _lr(self) -> float:
         return max(group["lr"] for group in self.optimizer.param_groups)
 
+    def _validates(self) -> bool:
+        """Whether the epoch just trained is validated: the first (a time budget needs its cost), every
+        ``val_period``-th and the last."""
+        done = self.epoch + 1
+        return done == 1 or done % self.config.val_period == 0 or done >= self.config.epochs
+
     @torch.inference_mode()
     def _validate(self) -> dict[str, float]:
         """Metrics of the EMA (or raw) weights on the validation set, on rank 0; ``{}`` elsewhere."""
@@ -458,10 +466,11 @@ class Trainer:
         return metrics
 
     # ----------------------------------------------------------------------- end of epoch, saving
-    def _end_epoch(self, metrics: dict[str, float]) -> bool:
-        """Record the epoch, save best.pt / last.pt / metrics.csv; True when a signal asks to stop."""
+    def _end_epoch(self, metrics: dict[str, float] | None) -> bool:
+        """Record the epoch, save best.pt / last.pt / metrics.csv; True when a signal asks to stop.
+        metrics: None when this epoch was not validated (``val_period``)."""
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        row = self._history_row(metrics)
+        row = self._history_row(metrics or {})
         self.history.append(row)
         if self.config.time and self.epoch == 1:
             self._fit_to_budget(row["time"])
@@ -493,10 +502,15 @@ class Trainer:
                     "time": sums["seconds"], "skipped_steps": sums["skipped"]})
         return row
 
-    def _track_best(self, row: dict[str, Any], metrics: dict[str, float]) -> bool:
-        """Update the best value of the chosen metric (rank 0); True when this epoch is the new best."""
+    def _track_best(self, row: dict[str, Any], metrics: dict[str, float] | None) -> bool:
+        """Update the best value of the chosen metric (rank 0); True when this epoch is the new best.
+        An epoch without validation (metrics None) is one more without improvement, except for --metric loss."""
         if not self.is_main:
             return False
+        if metrics is None and self.metric_name != "loss":  # the first epoch is always validated: name known
+            self.bad_epochs += 1
+            return False
+        metrics = metrics or {}
         if not self.metric_name:
             found = [m for m in PRIMARY_METRICS[self.config.task] if m in metrics]
             self.metric_name = found[0] if found else next(iter(metrics), "loss")
