@@ -33,6 +33,9 @@ How each number is computed:
   ``YOLO.predict(BGR array)`` call (the same steps plus its ``Results`` objects and per-call set-up);
   "pre+net+post": the sum of ultralytics' own ``preprocess + inference + postprocess`` timings of that
   call, i.e. without its wrapper. The target ratio uses the stricter of the two (the smaller peer time).
+  With ``--runtimes torch,onnx`` (the default) the same again through onnxruntime, each side with its own
+  ONNX export of the same checkpoint (``cvforge export``; ultralytics' ``export(format="onnx")``) and its
+  own pre- and postprocessing around the graph: latency is compared like for like, per runtime.
 
     nice -n 19 .venv/bin/python benchmarks/yolo_vs_peer.py --out runs/yolo_vs_peer            # full run
     nice -n 19 .venv/bin/python benchmarks/yolo_vs_peer.py --train 64 --val 16 --epochs 1 --out /tmp/yvp
@@ -63,7 +66,8 @@ NOTES = """How measured (benchmarks/yolo_vs_peer.py docstring has the details):
 - train s/epoch: mean wall seconds of the training loop per epoch (data loading included, validation not).
 - infer ms/img: median wall ms per val image at batch 1, CPU, images decoded beforehand. cvforge "call" =
   model([uint8 image]): letterbox, normalise, network, decode, NMS, boxes to image pixels. Peer "call" =
-  YOLO.predict(BGR array); "pre+net+post" = ultralytics' own preprocess + inference + postprocess times."""
+  YOLO.predict(BGR array); "pre+net+post" = ultralytics' own preprocess + inference + postprocess times.
+- (onnxruntime) rows: the same, each side's own ONNX export run by onnxruntime (default session options)."""
 
 
 # =========================================================================================== peer side
@@ -127,11 +131,18 @@ def _peer_last_metrics(results_csv: Path) -> dict:
 
 
 def _peer_predict(job: dict) -> dict:
-    """Batch-1 predictions and timings over job["images"] (in order) with the weights job["weights"]."""
+    """Batch-1 predictions and timings over job["images"] (in order) with the weights job["weights"], in
+    PyTorch or (job["runtime"] "onnx") through onnxruntime from ultralytics' own ONNX export."""
     import cv2
     import torch
     from ultralytics import YOLO
-    model = YOLO(job["weights"])
+    weights = job["weights"]
+    if job["runtime"] == "onnx":  # exported once, beside the weights (the benchmark's own output folder)
+        onnx_file = Path(weights).with_suffix(".onnx")
+        if not onnx_file.exists():
+            YOLO(weights).export(format="onnx", imgsz=job["imgsz"], simplify=False, dynamic=False)
+        weights = str(onnx_file)
+    model = YOLO(weights, task="detect")
     options = {"imgsz": job["imgsz"], "conf": job["conf"], "iou": job["iou"], "max_det": job["max_det"],
                "device": "cpu", "verbose": False}
     images = [cv2.imread(path) for path in job["images"]]  # BGR, as ultralytics expects from OpenCV
@@ -148,9 +159,14 @@ def _peer_predict(job: dict) -> dict:
                            "labels": boxes.cls.int().tolist()})
     import ultralytics
     return {"call_ms": calls, "inner_ms": inner, "detections": detections, "threads": torch.get_num_threads(),
-            "params": sum(p.numel() for p in model.model.parameters()), "version": ultralytics.__version__,
+            "params": _peer_params(job["weights"]), "version": ultralytics.__version__,
             "torch": torch.__version__,
             "names": [model.names[k] for k in sorted(model.names)]}
+
+
+def _peer_params(weights: str) -> int:
+    from ultralytics import YOLO
+    return sum(p.numel() for p in YOLO(weights).model.parameters())
 
 
 # ===================================================================================== orchestration
@@ -285,13 +301,16 @@ def train_peer(python: Path, peer_yaml: Path, args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------- latency and accuracy
-def cvforge_pass(weights: str, images: list) -> dict:
-    """Batch-1 predictions and ms per call of a cvforge checkpoint over ``images`` (uint8 [3, H, W])."""
+def cvforge_pass(weights: str, images: list, onnx_file: Path | None = None) -> dict:
+    """Batch-1 predictions and ms per call of a cvforge checkpoint over ``images`` (uint8 [3, H, W]): in
+    PyTorch, or through onnxruntime when ``onnx_file`` (its ``cvforge export``) is given."""
     import torch
 
     import cvforge
+    from cvforge.export import load_onnx
     model = cvforge.load(weights, device="cpu")
-    module = model.module
+    params = sum(p.numel() for p in model.module.parameters())
+    module = load_onnx(onnx_file).module if onnx_file else model.module
     with torch.inference_mode():
         for _ in range(WARMUP_CALLS):
             module([images[0]])
@@ -301,8 +320,8 @@ def cvforge_pass(weights: str, images: list) -> dict:
             output = module([image])[0]
             calls.append(1000 * (time.perf_counter() - start))
             detections.append({key: output[key] for key in ("boxes", "scores", "labels")})
-    return {"call_ms": calls, "detections": detections, "threads": torch.get_num_threads(),
-            "params": sum(p.numel() for p in module.parameters()), "classes": model.classes}
+    return {"call_ms": calls, "detections": detections, "threads": torch.get_num_threads(), "params": params,
+            "classes": model.classes}
 
 
 def score(detections: list[dict], targets: list[dict], classes: list[str]) -> dict[str, float]:
@@ -320,24 +339,35 @@ def score(detections: list[dict], targets: list[dict], classes: list[str]) -> di
 
 
 def measure(python: Path, data_yaml: Path, ours: dict, peer: dict, args: argparse.Namespace) -> dict:
-    """Alternating latency passes (cvforge, peer, cvforge, ...); the first pass's detections are scored."""
+    """Alternating latency passes (cvforge, peer, cvforge, ...) per runtime; each first pass's detections
+    are scored. Returns {(side, runtime): summary} as {"cvforge torch": ..., "peer onnx": ...}."""
     import torch
 
     from cvforge.data import build_dataset
+    from cvforge.export import export_onnx
     val = build_dataset(str(data_yaml), "val", "detect")
     images, targets = zip(*(val[i] for i in range(len(val))))
     images = [image.as_subclass(torch.Tensor) for image in images]  # plain uint8 [3, H, W]
     paths = [str(sample.image) for sample in val.samples]
     job = {"kind": "predict", "weights": peer["weights"], "images": paths, "imgsz": args.imgsz,
            "conf": args.conf, "iou": args.iou, "max_det": args.max_det}
-    passes: dict[str, list[dict]] = {"cvforge": [], "peer": []}
+    onnx_file = None
+    if "onnx" in args.runtimes:
+        onnx_file = export_onnx(ours["weights"], args.out / "cvforge-yolo-n.onnx")
+    passes: dict[str, list[dict]] = {f"{side} {runtime}": [] for side in ("cvforge", "peer")
+                                     for runtime in args.runtimes}
     for r in range(args.rounds):
-        print(f"[yolo_vs_peer] latency round {r + 1}/{args.rounds} over {len(images)} val images", flush=True)
-        passes["cvforge"].append(cvforge_pass(ours["weights"], images))
-        passes["peer"].append(run_peer(python, job, args, f"predict{r + 1}"))
-    if passes["peer"][0]["names"] != list(val.classes):
-        sys.exit(f"[yolo_vs_peer] class names differ: peer {passes['peer'][0]['names']}, data {val.classes}")
-    return {side: summarise(runs, list(targets), val.classes) for side, runs in passes.items()} | {
+        for runtime in args.runtimes:
+            print(f"[yolo_vs_peer] latency round {r + 1}/{args.rounds} ({runtime}) over {len(images)} val images",
+                  flush=True)
+            passes[f"cvforge {runtime}"].append(
+                cvforge_pass(ours["weights"], images, onnx_file if runtime == "onnx" else None))
+            passes[f"peer {runtime}"].append(run_peer(python, {**job, "runtime": runtime}, args,
+                                                      f"predict-{runtime}{r + 1}"))
+    names = passes[f"peer {args.runtimes[0]}"][0]["names"]
+    if names != list(val.classes):
+        sys.exit(f"[yolo_vs_peer] class names differ: peer {names}, data {val.classes}")
+    return {key: summarise(runs, list(targets), val.classes) for key, runs in passes.items()} | {
         "val_images": len(images)}
 
 
@@ -354,31 +384,43 @@ def summarise(passes: list[dict], targets: list[dict], classes: list[str]) -> di
 
 
 # ----------------------------------------------------------------------------- report
-def build_rows(ours: dict, peer: dict, measured: dict) -> list[dict]:
+RUNTIME_NAMES = {"torch": "", "onnx": " (onnxruntime)"}
+
+
+def build_rows(ours: dict, peer: dict, measured: dict, runtimes: list[str]) -> list[dict]:
+    """One row per side and runtime, cvforge's first; the training columns are per side."""
     rows = []
-    for name, trained, m in (("cvforge yolo-n", ours, measured["cvforge"]),
-                             (f"ultralytics {measured['peer']['version']} YOLOv8n", peer, measured["peer"])):
-        rows.append({"model": name, "params (M)": m["params"] / 1e6, "mAP50-95": m["mAP50-95"], "mAP50": m["mAP50"],
-                     "own val mAP50-95": trained["own_val"].get("mAP50-95", float("nan")),
-                     "train s/epoch": statistics.mean(trained["epoch_seconds"]),
-                     "infer ms/img (call)": m["call_ms"],
-                     "infer ms/img (pre+net+post)": m.get("inner_ms", m["call_ms"])})
+    version = measured[f"peer {runtimes[0]}"]["version"]
+    for runtime in runtimes:
+        for side, name, trained in (("cvforge", "cvforge yolo-n", ours),
+                                    ("peer", f"ultralytics {version} YOLOv8n", peer)):
+            m = measured[f"{side} {runtime}"]
+            rows.append({"model": name + RUNTIME_NAMES[runtime], "params (M)": m["params"] / 1e6,
+                         "mAP50-95": m["mAP50-95"], "mAP50": m["mAP50"],
+                         "own val mAP50-95": trained["own_val"].get("mAP50-95", float("nan")),
+                         "train s/epoch": statistics.mean(trained["epoch_seconds"]),
+                         "infer ms/img (call)": m["call_ms"],
+                         "infer ms/img (pre+net+post)": m.get("inner_ms", m["call_ms"])})
     return rows
 
 
-def verdicts(rows: list[dict]) -> list[str]:
-    ours, peer = rows
+def verdicts(rows: list[dict], runtimes: list[str]) -> list[str]:
+    """The issue's three targets, cvforge against the peer; latency like for like, per runtime."""
+    ours, peer = rows[0], rows[1]
     train = ours["train s/epoch"] / peer["train s/epoch"]
-    latency = ours["infer ms/img (call)"] / min(peer["infer ms/img (call)"], peer["infer ms/img (pre+net+post)"])
-    latency_call = ours["infer ms/img (call)"] / peer["infer ms/img (call)"]
     mark = {True: "met", False: "NOT met"}
-    return [(f"- mAP50-95: cvforge {100 * ours['mAP50-95']:.1f} vs peer {100 * peer['mAP50-95']:.1f} "
-             f"(target >=): {mark[ours['mAP50-95'] >= peer['mAP50-95']]}"),
-            (f"- train s/epoch ratio cvforge/peer: {train:.2f}x (target <= {TARGET_RATIO}x): "
-             f"{mark[train <= TARGET_RATIO]}"),
-            (f"- batch-1 latency ratio cvforge/peer: {latency:.2f}x against the peer's pre+net+post "
-             f"({latency_call:.2f}x against its whole predict() call) (target <= {TARGET_RATIO}x): "
-             f"{mark[latency <= TARGET_RATIO]}")]
+    lines = [(f"- mAP50-95: cvforge {100 * ours['mAP50-95']:.1f} vs peer {100 * peer['mAP50-95']:.1f} "
+              f"(target >=): {mark[ours['mAP50-95'] >= peer['mAP50-95']]}"),
+             (f"- train s/epoch ratio cvforge/peer: {train:.2f}x (target <= {TARGET_RATIO}x): "
+              f"{mark[train <= TARGET_RATIO]}")]
+    for i, runtime in enumerate(runtimes):
+        ours, peer = rows[2 * i], rows[2 * i + 1]
+        latency = ours["infer ms/img (call)"] / min(peer["infer ms/img (call)"], peer["infer ms/img (pre+net+post)"])
+        latency_call = ours["infer ms/img (call)"] / peer["infer ms/img (call)"]
+        lines.append(f"- batch-1 latency ratio cvforge/peer, both in {runtime}: {latency:.2f}x against the peer's "
+                     f"pre+net+post ({latency_call:.2f}x against its whole predict() call) (target <= "
+                     f"{TARGET_RATIO}x): {mark[latency <= TARGET_RATIO]}")
+    return lines
 
 
 def table(rows: list[dict]) -> str:
@@ -389,26 +431,28 @@ def table(rows: list[dict]) -> str:
 
 def setup_line(args: argparse.Namespace, data_yaml: Path, measured: dict) -> str:
     import torch
+    first = args.runtimes[0]
     return (f"data {data_yaml} ({measured['val_images']} val images), {args.epochs} epochs, imgsz {args.imgsz}, "
             f"batch {args.batch}, workers {args.workers}, close_mosaic {args.close_mosaic}, from scratch, CPU, "
-            f"{args.threads} torch threads (cvforge latency {measured['cvforge']['threads']}, peer "
-            f"{measured['peer']['threads']}), torch {torch.__version__} (peer {measured['peer']['torch']}), "
+            f"{args.threads} torch threads (cvforge latency {measured[f'cvforge {first}']['threads']}, peer "
+            f"{measured[f'peer {first}']['threads']}), torch {torch.__version__} "
+            f"(peer {measured[f'peer {first}']['torch']}), "
             f"weights: {args.weights}.pt, "
             f"eval conf {args.conf} / NMS IoU {args.iou} / max {args.max_det} det, latency median of "
             f"{args.rounds} alternating passes; mAP in points (cvforge's evaluator)")
 
 
 def report(args: argparse.Namespace, data_yaml: Path, ours: dict, peer: dict, measured: dict) -> None:
-    rows = build_rows(ours, peer, measured)
+    rows = build_rows(ours, peer, measured, args.runtimes)
     load = f"load average (1 min) at start {args.load_start:.2f}, at end {os.getloadavg()[0]:.2f}"
-    text = "\n".join([setup_line(args, data_yaml, measured), "", table(rows), "", *verdicts(rows), "", NOTES, "",
+    text = "\n".join([setup_line(args, data_yaml, measured), "", table(rows), "", *verdicts(rows, args.runtimes), "", NOTES, "",
                       load, f"command: {' '.join(sys.argv)}"])
     print(text)
     (args.out / "results.md").write_text(text + "\n", encoding="utf-8")
     for trained in (ours, peer):
         trained.pop("detections", None)
     summary = {"setup": setup_line(args, data_yaml, measured), "args": {k: str(v) for k, v in vars(args).items()},
-               "rows": rows, "verdicts": verdicts(rows), "cvforge_train": ours, "peer_train": peer,
+               "rows": rows, "verdicts": verdicts(rows, args.runtimes), "cvforge_train": ours, "peer_train": peer,
                "measured": measured, "load_average_start": args.load_start, "load_average_end": os.getloadavg()[0]}
     (args.out / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print(f"[yolo_vs_peer] wrote {args.out / 'results.md'} and {args.out / 'results.json'}")
@@ -432,6 +476,8 @@ def parse_args() -> argparse.Namespace:
                              "with AMX; the peer trains in float32 on a CPU whatever it is asked)")
     parser.add_argument("--weights", choices=("last", "best"), default="last")
     parser.add_argument("--rounds", type=int, default=2, help="alternating latency passes per model")
+    parser.add_argument("--runtimes", type=lambda text: text.split(","), default=["torch", "onnx"],
+                        help="latency in PyTorch and/or onnxruntime (each side's own ONNX export), e.g. torch")
     parser.add_argument("--conf", type=float, default=0.001)
     parser.add_argument("--iou", type=float, default=0.7)
     parser.add_argument("--max-det", type=int, default=300)
