@@ -13,7 +13,7 @@ from _checkpoints import save_as_checkpoint
 from PIL import Image
 
 from cvforge.cli import main
-from cvforge.export import PARITY_TOLERANCE, export_onnx, load_onnx
+from cvforge.export import PARITY_TOLERANCE, export_onnx, load_onnx, torch_beside_onnxruntime
 from cvforge.zoo import build_model
 
 CLASSES = ["disc", "bar", "star"]
@@ -85,6 +85,15 @@ def test_predict_with_the_onnx_detector_from_the_command_line(yolo_n, tmp_path, 
         assert a["category_id"] == b["category_id"]
         assert np.allclose(a["bbox"], b["bbox"], atol=0.02) and abs(a["score"] - b["score"]) <= 1e-4
     assert (tmp_path / "pred_onnx" / "labels" / "a.txt").is_file()
+
+
+def test_torch_runs_at_one_thread_beside_onnxruntime_and_gets_its_threads_back():
+    threads = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="inside"):
+        with torch_beside_onnxruntime():
+            assert torch.get_num_threads() == 1  # onnxruntime's threads get the cores
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == threads
 
 
 def test_detector_export_mistakes_are_one_line_errors(yolo_n, tmp_path, capsys):

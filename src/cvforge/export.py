@@ -49,11 +49,12 @@ on a tie within float error: rare).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -406,3 +407,17 @@ class OnnxModel:
 def load_onnx(path: str | os.PathLike) -> OnnxModel:
     """An exported ONNX model, ready for ``cvforge.predict``."""
     return OnnxModel(path)
+
+
+@contextlib.contextmanager
+def torch_beside_onnxruntime() -> Iterator[None]:
+    """Torch at one thread while an ``OnnxModel`` runs: torch then only pre- and postprocesses (small ops),
+    and its OpenMP workers, which spin for a while after every parallel op, would take the cores that
+    onnxruntime's own threads need. yolo-n at 128 px, batch 1, 2 cores: 8.4 ms per image with both at two
+    threads, 3.1 ms so (BENCHMARKS.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

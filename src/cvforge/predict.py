@@ -10,6 +10,7 @@ Weights ending in ``.onnx`` (``cvforge export``) run through onnxruntime.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -309,9 +310,10 @@ def predict(weights: str | os.PathLike, sources: Iterable[str | os.PathLike], *,
     from cvforge.api import load
     from cvforge.engine.checkpoint import next_run_dir
     from cvforge.engine.optim import to_device
+    threads = contextlib.nullcontext()
     if str(weights).lower().endswith(".onnx"):  # runs through onnxruntime (cvforge export --format onnx)
-        from cvforge.export import load_onnx
-        model = load_onnx(weights)
+        from cvforge.export import load_onnx, torch_beside_onnxruntime
+        model, threads = load_onnx(weights), torch_beside_onnxruntime()
     else:
         model = load(weights, device)
     if model.task == "segment":
@@ -319,7 +321,7 @@ def predict(weights: str | os.PathLike, sources: Iterable[str | os.PathLike], *,
     files, videos = source_files(sources)
     out = Path(out) if out else next_run_dir(Path("runs") / model.task, "predict")
     records, annotated = [], []
-    with torch.inference_mode():
+    with threads, torch.inference_mode():
         for start in range(0, len(files), batch):
             chunk = files[start:start + batch]
             images = [model.transforms(read_image(f), {})[0] for f in chunk]
