@@ -67,7 +67,8 @@ NOTES = """How measured (benchmarks/yolo_vs_peer.py docstring has the details):
 - infer ms/img: median wall ms per val image at batch 1, CPU, images decoded beforehand. cvforge "call" =
   model([uint8 image]): letterbox, normalise, network, decode, NMS, boxes to image pixels. Peer "call" =
   YOLO.predict(BGR array); "pre+net+post" = ultralytics' own preprocess + inference + postprocess times.
-- (onnxruntime) rows: the same, each side's own ONNX export run by onnxruntime (default session options)."""
+- (onnxruntime) rows: the same, each side's own ONNX export run by onnxruntime (default session options),
+  torch at one thread on both sides (it only pre/postprocesses there; as `cvforge predict` with .onnx)."""
 
 
 # =========================================================================================== peer side
@@ -75,7 +76,9 @@ NOTES = """How measured (benchmarks/yolo_vs_peer.py docstring has the details):
 def peer_job(job_file: Path) -> None:
     """Run one peer job described by a JSON file {"kind": "train" | "predict", ...}; writes job["result"]."""
     job = json.loads(job_file.read_text(encoding="utf-8"))
-    _peer_setup(job["threads"])
+    # beside onnxruntime torch only pre/postprocesses: one thread, as on cvforge's side (and as ultralytics'
+    # own NUM_THREADS, cores - 1, on a 2-core machine)
+    _peer_setup(1 if job.get("runtime") == "onnx" else job["threads"])
     result = _peer_train(job) if job["kind"] == "train" else _peer_predict(job)
     Path(job["result"]).write_text(json.dumps(result), encoding="utf-8")
 
@@ -304,14 +307,17 @@ def train_peer(python: Path, peer_yaml: Path, args: argparse.Namespace) -> dict:
 def cvforge_pass(weights: str, images: list, onnx_file: Path | None = None) -> dict:
     """Batch-1 predictions and ms per call of a cvforge checkpoint over ``images`` (uint8 [3, H, W]): in
     PyTorch, or through onnxruntime when ``onnx_file`` (its ``cvforge export``) is given."""
+    import contextlib
+
     import torch
 
     import cvforge
-    from cvforge.export import load_onnx
+    from cvforge.export import load_onnx, torch_beside_onnxruntime
     model = cvforge.load(weights, device="cpu")
     params = sum(p.numel() for p in model.module.parameters())
     module = load_onnx(onnx_file).module if onnx_file else model.module
-    with torch.inference_mode():
+    threads = torch_beside_onnxruntime() if onnx_file else contextlib.nullcontext()  # as `cvforge predict` does
+    with threads, torch.inference_mode():
         for _ in range(WARMUP_CALLS):
             module([images[0]])
         calls, detections = [], []
@@ -443,19 +449,21 @@ def setup_line(args: argparse.Namespace, data_yaml: Path, measured: dict) -> str
 
 
 def report(args: argparse.Namespace, data_yaml: Path, ours: dict, peer: dict, measured: dict) -> None:
+    """results.md / results.json in --out (a --reuse-training run: results-remeasured.*, the first kept)."""
     rows = build_rows(ours, peer, measured, args.runtimes)
     load = f"load average (1 min) at start {args.load_start:.2f}, at end {os.getloadavg()[0]:.2f}"
-    text = "\n".join([setup_line(args, data_yaml, measured), "", table(rows), "", *verdicts(rows, args.runtimes), "", NOTES, "",
-                      load, f"command: {' '.join(sys.argv)}"])
+    text = "\n".join([setup_line(args, data_yaml, measured), "", table(rows), "", *verdicts(rows, args.runtimes),
+                      "", NOTES, "", load, f"command: {' '.join(sys.argv)}"])
     print(text)
-    (args.out / "results.md").write_text(text + "\n", encoding="utf-8")
+    name = "results-remeasured" if args.reuse_training else "results"
+    (args.out / f"{name}.md").write_text(text + "\n", encoding="utf-8")
     for trained in (ours, peer):
         trained.pop("detections", None)
     summary = {"setup": setup_line(args, data_yaml, measured), "args": {k: str(v) for k, v in vars(args).items()},
                "rows": rows, "verdicts": verdicts(rows, args.runtimes), "cvforge_train": ours, "peer_train": peer,
                "measured": measured, "load_average_start": args.load_start, "load_average_end": os.getloadavg()[0]}
-    (args.out / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    print(f"[yolo_vs_peer] wrote {args.out / 'results.md'} and {args.out / 'results.json'}")
+    (args.out / f"{name}.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    print(f"[yolo_vs_peer] wrote {args.out / name}.md and .json")
 
 
 def parse_args() -> argparse.Namespace:
@@ -476,6 +484,9 @@ def parse_args() -> argparse.Namespace:
                              "with AMX; the peer trains in float32 on a CPU whatever it is asked)")
     parser.add_argument("--weights", choices=("last", "best"), default="last")
     parser.add_argument("--rounds", type=int, default=2, help="alternating latency passes per model")
+    parser.add_argument("--reuse-training", action="store_true",
+                        help="measure the checkpoints of an earlier run in --out again (its results.json) instead "
+                             "of training")
     parser.add_argument("--runtimes", type=lambda text: text.split(","), default=["torch", "onnx"],
                         help="latency in PyTorch and/or onnxruntime (each side's own ONNX export), e.g. torch")
     parser.add_argument("--conf", type=float, default=0.001)
@@ -498,8 +509,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     data_yaml = prepare_data(args)
     python = ensure_peer_env(args.peer_venv.expanduser().resolve(), args.peer_spec, args.peer_torch, args.out)
-    ours = train_cvforge(data_yaml, args)
-    peer = train_peer(python, peer_data_yaml(data_yaml, args.out), args)
+    previous = args.out / "results.json"
+    if args.reuse_training and previous.exists():  # latency and mAP again, from the same checkpoints
+        saved = json.loads(previous.read_text(encoding="utf-8"))
+        ours, peer = saved["cvforge_train"], saved["peer_train"]
+    else:
+        ours = train_cvforge(data_yaml, args)
+        peer = train_peer(python, peer_data_yaml(data_yaml, args.out), args)
     measured = measure(python, data_yaml, ours, peer, args)
     report(args, data_yaml, ours, peer, measured)
 
