@@ -11,7 +11,8 @@ def test_demo_trains_the_default_detector_and_writes_its_pictures(tmp_path, caps
     assert demo(TINY, epochs=1, project=tmp_path, workers=0, batch=4) == 0
     out = capsys.readouterr().out
     run = tmp_path / "train"
-    assert "yolo-n" in (run / "config.yaml").read_text()
+    config = (run / "config.yaml").read_text()
+    assert "yolo-n" in config and "val_period: 5" in config  # the demo validates every 5th epoch
     assert "mAP50" in out and "trained 1 epochs" in out
     for picture in ("predictions.png", "data_preview.png", "plots/pr_curves.png", "plots/confusion_matrix.png"):
         with Image.open(run / picture) as image:
