@@ -313,9 +313,9 @@ def cvforge_pass(weights: str, images: list, onnx_file: Path | None = None) -> d
 
     import cvforge
     from cvforge.export import load_onnx, torch_beside_onnxruntime
-    model = cvforge.load(weights, device="cpu")
-    params = sum(p.numel() for p in model.module.parameters())
-    module = load_onnx(onnx_file).module if onnx_file else model.module
+    # the ONNX model's Python module is the same detector (its graph stands in for the network): same parameters
+    model = load_onnx(onnx_file) if onnx_file else cvforge.load(weights, device="cpu")
+    module = model.module
     threads = torch_beside_onnxruntime() if onnx_file else contextlib.nullcontext()  # as `cvforge predict` does
     with threads, torch.inference_mode():
         for _ in range(WARMUP_CALLS):
@@ -326,8 +326,8 @@ def cvforge_pass(weights: str, images: list, onnx_file: Path | None = None) -> d
             output = module([image])[0]
             calls.append(1000 * (time.perf_counter() - start))
             detections.append({key: output[key] for key in ("boxes", "scores", "labels")})
-    return {"call_ms": calls, "detections": detections, "threads": torch.get_num_threads(), "params": params,
-            "classes": model.classes}
+    return {"call_ms": calls, "detections": detections, "threads": torch.get_num_threads(),
+            "params": sum(p.numel() for p in module.parameters()), "classes": model.classes}
 
 
 def score(detections: list[dict], targets: list[dict], classes: list[str]) -> dict[str, float]:

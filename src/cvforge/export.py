@@ -2,6 +2,8 @@
 
     path = export_onnx("runs/segment/train/weights/best.pt")    # -> best.onnx beside it
     model = load_onnx(path)                                      # what `cvforge predict --weights x.onnx` runs
+    with torch_beside_onnxruntime():                             # torch at 1 thread around onnxruntime's
+        outputs = model.module(images)                           # (as `cvforge predict` does)
 
 What is exported is the model's own eval-mode ``forward`` (no second, export-only code path): it takes
 the same uint8 [B, 3, H, W] batch and its output dict becomes the graph's outputs, in the dict's order
