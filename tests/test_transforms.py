@@ -6,7 +6,8 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from cvforge.data.transforms import RandomHSV, build_transforms, hsv_matrix, per_box_tensors
+from cvforge.data.transforms import (Letterbox, RandomHSV, RandomZoomShift, build_transforms, hsv_matrix,
+                                    per_box_tensors)
 from cvforge.errors import CvforgeError
 
 H, W = 96, 128
@@ -115,6 +116,45 @@ def test_boxes_pushed_off_canvas_are_removed():
         check_aligned(out_image, out)
         removed += 3 - len(out["boxes"])
     assert removed > 0  # large shifts must push some objects off the image
+
+
+def test_zoom_shift_scales_about_the_centre_and_fills_the_border():
+    """Scale 0.5, no shift: the 128 x 96 scene shrinks to 64 x 48 in the middle of an unchanged canvas."""
+    image, target = scene()
+    out_image, out = RandomZoomShift(scale=(0.5, 0.5), translate=0.0)(image, target)
+    expected = [[x0 / 2 + 32, y0 / 2 + 24, x1 / 2 + 32, y1 / 2 + 24] for _, (x0, y0, x1, y1), _, _ in OBJECTS.values()]
+    torch.testing.assert_close(out["boxes"].as_subclass(torch.Tensor), torch.tensor(expected))
+    assert out_image.shape == (3, H, W) and out["boxes"].canvas_size == (H, W) and out["masks"].shape == (3, H, W)
+    assert (out_image[:, :24] == 114).all() and (out_image[:, :, 96:] == 114).all()  # image border: grey
+    assert (out["masks"][:, :24] == 0).all() and (out["masks"][:, :, 96:] == 0).all()  # mask border: empty
+    check_aligned(out_image, out)
+
+
+def test_zoom_shift_draws_scales_and_whole_pixel_shifts_in_range():
+    """One central square, 200 draws: the factor spans 0.5-1.5, the shift +-10 % of each side in whole
+    pixels (the square's centre lands where the scale about the canvas centre and the shift put it)."""
+    image = tv_tensors.Image(torch.zeros((3, 100, 200), dtype=torch.uint8))
+    box = tv_tensors.BoundingBoxes(torch.tensor([[80.0, 30.0, 120.0, 70.0]]), format="XYXY", canvas_size=(100, 200))
+    zoom = RandomZoomShift(scale=(0.5, 1.5), translate=0.1)
+    torch.manual_seed(0)
+    factors, shifts = [], []
+    for _ in range(200):
+        (x0, y0, x1, y1), = zoom(image, {"boxes": box})[1]["boxes"].tolist()
+        factor = (x1 - x0) / 40
+        factors.append(factor)
+        shifts.append(((x0 + x1) / 2 - 100, (y0 + y1) / 2 - 50))
+    assert 0.5 - 0.02 <= min(factors) < 0.6 and 1.4 < max(factors) <= 1.5 + 0.02
+    dx, dy = torch.tensor(shifts).T
+    assert dx.abs().max() <= 20.5 + 1e-3 and dy.abs().max() <= 10.5 + 1e-3  # half a pixel: centring of an odd size
+    assert dx.abs().max() > 15 and dy.abs().max() > 7
+
+
+def test_letterbox_leaves_a_square_image_of_its_size_alone():
+    image, target = tv_tensors.Image(torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)), scene()[1]
+    target["boxes"] = tv_tensors.BoundingBoxes(target["boxes"] / 2, format="XYXY", canvas_size=(64, 64))
+    del target["masks"]
+    out_image, out = Letterbox(64)(image, target)
+    assert torch.equal(out_image, image) and torch.equal(out["boxes"], target["boxes"])
 
 
 @pytest.mark.parametrize("task", ["detect", "instance"])

@@ -10,12 +10,12 @@ Presets (train / eval):
               Resize(imgsz / 0.875) + CenterCrop(imgsz)  (the ImageNet evaluation ratio)
     segment   scale jitter + pad (image 0, mask 255 = ignore) + RandomCrop(imgsz) + HFlip /
               identity (full-size images; the segment collate pads the batch)
-    detect,   HSV jitter (RandomHSV) + HFlip + random scale/translate affine + letterbox to imgsz /
+    detect,   HSV jitter (RandomHSV) + HFlip + random scale/translate (RandomZoomShift) + letterbox to imgsz /
     instance  identity (detectors resize inside the model)
 
 Detection targets carry per-box plain tensors (``labels``, ``iscrowd``, ``difficult``) beside the
 boxes; after the geometric ops ``SanitizeBoundingBoxes`` drops boxes that became degenerate (smaller
-than 1 px at the output size, or pushed off the canvas: the affine clamps them to zero width, which
+than 1 px at the output size, or pushed off the canvas: RandomZoomShift clips them to zero width, which
 the letterbox keeps) together with those tensors (``per_box_tensors``) and the instance masks
 (torchvision filters any ``Mask`` whose first dimension is N by itself). Once, at the end: each call
 costs ~0.1 ms, a tenth of a small image's whole augmentation.
@@ -92,10 +92,7 @@ def detect_train(imgsz: int, hflip: float, scale: tuple[float, float], hsv: bool
     return v2.Compose([
         *ops,
         v2.RandomHorizontalFlip(hflip),
-        # bilinear for the image; v2 always warps masks with nearest
-        v2.RandomAffine(degrees=0.0, translate=(translate, translate), scale=scale,
-                        interpolation=v2.InterpolationMode.BILINEAR,
-                        fill={tv_tensors.Image: LETTERBOX_FILL, tv_tensors.Mask: 0}),
+        RandomZoomShift(scale, translate),
         Letterbox(imgsz),
         sanitize_boxes(),
     ])
@@ -165,6 +162,61 @@ class RandomHSV(v2.Transform):
         return tv_tensors.wrap(out, like=inpt)
 
 
+class RandomZoomShift(v2.Transform):
+    """Scale about the image centre by a factor uniform in ``scale`` and shift by up to ``translate`` of
+    the width / height (whole pixels), on a canvas of the input's size: the scale/translate augmentation
+    of one-stage detectors (``RandomAffine(degrees=0, translate, scale)`` draws the same).
+
+    A scale-and-shift needs no general warp, so it is done as one resize and one paste, 2-4 times faster
+    than RandomAffine's resampling grid (``benchmarks/detect_augment.py``): images bilinear
+    (antialiased when shrinking), masks nearest; the uncovered border is ``LETTERBOX_FILL`` for images
+    and 0 for masks; boxes are scaled and shifted like the pixels, then clipped to the canvas.
+    """
+
+    def __init__(self, scale: tuple[float, float] = (0.5, 1.5), translate: float = 0.1):
+        super().__init__()
+        self.scale, self.translate = scale, translate
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        factor = float(torch.empty(1).uniform_(*self.scale))
+        new_h, new_w = max(1, round(height * factor)), max(1, round(width * factor))
+        shift_x, shift_y = (round(float(torch.empty(1).uniform_(-self.translate, self.translate)) * side)
+                            for side in (width, height))
+        # where the scaled image's top-left corner lands: centred on the canvas, then shifted
+        top, left = (height - new_h) // 2 + shift_y, (width - new_w) // 2 + shift_x
+        return {"size": [new_h, new_w], "top": top, "left": left, "canvas": (height, width)}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        height, width = params["canvas"]
+        top, left = params["top"], params["left"]
+        if isinstance(inpt, tv_tensors.BoundingBoxes):
+            boxes = F.convert_bounding_box_format(inpt, new_format=tv_tensors.BoundingBoxFormat.XYXY)
+            scaled = F.resize(boxes, params["size"]).as_subclass(torch.Tensor)
+            moved = scaled + scaled.new_tensor([left, top, left, top])
+            moved[:, 0::2] = moved[:, 0::2].clamp(0, width)
+            moved[:, 1::2] = moved[:, 1::2].clamp(0, height)
+            xyxy = tv_tensors.BoundingBoxes(moved, format="XYXY", canvas_size=(height, width))
+            return F.convert_bounding_box_format(xyxy, new_format=inpt.format)
+        if not isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask)):
+            return inpt
+        fill = LETTERBOX_FILL if isinstance(inpt, tv_tensors.Image) else 0
+        return tv_tensors.wrap(paste(F.resize(inpt, params["size"], antialias=True).as_subclass(torch.Tensor),
+                                     (height, width), top, left, fill), like=inpt)
+
+
+def paste(pixels: torch.Tensor, canvas: tuple[int, int], top: int, left: int, fill: int) -> torch.Tensor:
+    """pixels [..., h, w] placed with their top-left corner at (top, left) (either may be negative) on a
+    ``fill``-valued canvas [..., H, W] of the same dtype; what falls outside the canvas is cut off."""
+    height, width = canvas
+    out = pixels.new_full((*pixels.shape[:-2], height, width), fill)
+    h, w = pixels.shape[-2:]
+    y1, x1, y2, x2 = max(top, 0), max(left, 0), min(top + h, height), min(left + w, width)
+    if y2 > y1 and x2 > x1:
+        out[..., y1:y2, x1:x2] = pixels[..., y1 - top:y2 - top, x1 - left:x2 - left]
+    return out
+
+
 class Letterbox(v2.Transform):
     """Resize so the longer side is ``size`` (aspect ratio kept), then pad to ``size`` x ``size``,
     centred. Image padding is ``LETTERBOX_FILL``, mask padding 0; boxes are scaled and shifted."""
@@ -180,8 +232,10 @@ class Letterbox(v2.Transform):
         new_h, new_w = max(1, round(height * ratio)), max(1, round(width * ratio))
         top, left = (self.size - new_h) // 2, (self.size - new_w) // 2
         padding = [left, top, self.size - new_w - left, self.size - new_h - top]
-        return {"size": [new_h, new_w], "padding": padding}
+        return {"size": [new_h, new_w], "padding": padding, "unchanged": height == width == self.size}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if params["unchanged"]:  # already size x size (a mosaic, most of the 128-px shapes)
+            return inpt
         out = F.resize(inpt, params["size"], antialias=True)
         return F.pad(out, params["padding"], fill=self.fill.get(type(inpt), 0))
