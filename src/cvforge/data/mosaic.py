@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from cvforge.data.transforms import LETTERBOX_FILL
+from cvforge.data.transforms import LETTERBOX_FILL, paste_into
 
 MIN_VISIBLE = 0.3  # a box cut by the mosaic keeps at least this share of its area, or is dropped
 PER_BOX = ("labels", "iscrowd", "difficult")
@@ -67,9 +67,9 @@ class MosaicDataset(Dataset):
 def mosaic(samples: list[tuple[torch.Tensor, dict]], size: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
     """Four (image, target) -> one ``size`` x ``size`` (image, target) (module docstring).
 
-    Only the central window of the 2 * size canvas is kept, so only that window is built: each tile's
-    canvas region is clipped to it before its pixels are copied (the boxes are placed on the whole canvas
-    first, as the module docstring describes, then cut by the window)."""
+    Only the central window of the 2 * size canvas is kept, so only that window is built: each tile is
+    pasted at its canvas place shifted by the window's corner, clipped to the window (the boxes are placed
+    on the whole canvas first, as the module docstring describes, then cut by the window)."""
     offset = size // 2  # the window's top-left corner on the canvas
     window = torch.full((3, size, size), LETTERBOX_FILL, dtype=torch.uint8)
     cx, cy = (int(random.uniform(size / 2, 3 * size / 2)) for _ in range(2))
@@ -82,7 +82,8 @@ def mosaic(samples: list[tuple[torch.Tensor, dict]], size: int) -> tuple[tv_tens
         y1a, y2a = (max(cy - h, 0), cy) if corner in (0, 1) else (cy, min(cy + h, 2 * size))
         x1b = w - (x2a - x1a) if corner in (0, 2) else 0
         y1b = h - (y2a - y1a) if corner in (0, 1) else 0
-        _copy_into_window(window, image, (x1a - offset, y1a - offset, x2a - offset, y2a - offset), (x1b, y1b))
+        tile = image[:, y1b:y1b + y2a - y1a, x1b:x1b + x2a - x1a]
+        paste_into(window, tile, y1a - offset, x1a - offset)
         shifted = scaled + torch.tensor([x1a - x1b, y1a - y1b] * 2, dtype=torch.float32)
         areas.append((shifted[:, 2:] - shifted[:, :2]).prod(1))
         low, high = torch.tensor([x1a, y1a], dtype=torch.float32), torch.tensor([x2a, y2a], dtype=torch.float32)
@@ -96,19 +97,6 @@ def mosaic(samples: list[tuple[torch.Tensor, dict]], size: int) -> tuple[tv_tens
               **{key: torch.cat(values)[keep] for key, values in fields.items()},
               "image_id": samples[0][1]["image_id"]}
     return tv_tensors.Image(window), target
-
-
-def _copy_into_window(window: torch.Tensor, image: torch.Tensor, region: tuple[int, int, int, int],
-                      image_corner: tuple[int, int]) -> None:
-    """Copy the tile whose pixels from ``image_corner`` (x, y) fill ``region`` (x1, y1, x2, y2, in window
-    coordinates, possibly outside it) into ``window``, clipped to the window."""
-    x1, y1, x2, y2 = region
-    size = window.shape[-1]
-    cx1, cy1, cx2, cy2 = max(x1, 0), max(y1, 0), min(x2, size), min(y2, size)
-    if cx2 <= cx1 or cy2 <= cy1:
-        return
-    bx, by = image_corner[0] + cx1 - x1, image_corner[1] + cy1 - y1
-    window[:, cy1:cy2, cx1:cx2] = image[:, by:by + cy2 - cy1, bx:bx + cx2 - cx1]
 
 
 def _fit(image: torch.Tensor, boxes: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:

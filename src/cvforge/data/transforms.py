@@ -207,14 +207,19 @@ class RandomZoomShift(v2.Transform):
 
 def paste(pixels: torch.Tensor, canvas: tuple[int, int], top: int, left: int, fill: int) -> torch.Tensor:
     """pixels [..., h, w] placed with their top-left corner at (top, left) (either may be negative) on a
-    ``fill``-valued canvas [..., H, W] of the same dtype; what falls outside the canvas is cut off."""
-    height, width = canvas
-    out = pixels.new_full((*pixels.shape[:-2], height, width), fill)
-    h, w = pixels.shape[-2:]
+    new ``fill``-valued canvas [..., H, W] of the same dtype; what falls outside the canvas is cut off."""
+    out = pixels.new_full((*pixels.shape[:-2], *canvas), fill)
+    paste_into(out, pixels, top, left)
+    return out
+
+
+def paste_into(canvas: torch.Tensor, pixels: torch.Tensor, top: int, left: int) -> None:
+    """Copy pixels [..., h, w] into ``canvas`` [..., H, W] in place, their top-left corner at (top, left)
+    (either may be negative); what falls outside the canvas is cut off."""
+    (height, width), (h, w) = canvas.shape[-2:], pixels.shape[-2:]
     y1, x1, y2, x2 = max(top, 0), max(left, 0), min(top + h, height), min(left + w, width)
     if y2 > y1 and x2 > x1:
-        out[..., y1:y2, x1:x2] = pixels[..., y1 - top:y2 - top, x1 - left:x2 - left]
-    return out
+        canvas[..., y1:y2, x1:x2] = pixels[..., y1 - top:y2 - top, x1 - left:x2 - left]
 
 
 class Letterbox(v2.Transform):
