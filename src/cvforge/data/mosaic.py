@@ -11,7 +11,7 @@ How one sample is made: the four images (sample i and three drawn at random) are
 longer side is ``imgsz`` and placed with a corner at a random centre of a 2*imgsz canvas (grey
 ``LETTERBOX_FILL`` elsewhere); the central imgsz x imgsz window is cut out, boxes shifted and
 clipped, and boxes left with under ``MIN_VISIBLE`` of their area (or under 2 px) dropped. The
-dataset's own transforms (HSV, flip, affine, letterbox) then run on that window as on any image.
+dataset's own transforms (HSV, flip, scale/translate, letterbox) then run on that window as on any image.
 
 Randomness comes from Python's ``random`` and torch's generator, which ``SeededDataset`` seeds per
 sample slot, so mosaics are reproducible and resumable like every other augmentation.

@@ -10,7 +10,7 @@ What the line from YOLOv1 to today changed, and why:
 - Distribution focal loss (Li et al., 2020): each side's distance is a softmax over ``reg_max`` bins,
   trained towards the two bins around the true distance; together with CIoU on the decoded box.
 - Task-aligned assignment (``assigner.py``) picks the positives from the current predictions.
-- Recipe: mosaic (``data/mosaic.py``) switched off for the last epochs, HSV, flip, affine, EMA, warm-up.
+- Recipe: mosaic (``data/mosaic.py``) switched off for the last epochs, HSV, flip, scale/translate, EMA, warm-up.
 
 ``model(images, targets)`` in train mode returns {"box", "cls", "dfl"}; ``model(images)`` in eval mode
 returns per image {"boxes" [N, 4] xyxy in original pixels, "scores" [N], "labels" [N]} (confidence
