@@ -30,6 +30,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from cvforge.boxes import clip_boxes
 from cvforge.config import TASKS
 from cvforge.data.dataset import IGNORE
 from cvforge.errors import CvforgeError
@@ -193,9 +194,7 @@ class RandomZoomShift(v2.Transform):
         if isinstance(inpt, tv_tensors.BoundingBoxes):
             boxes = F.convert_bounding_box_format(inpt, new_format=tv_tensors.BoundingBoxFormat.XYXY)
             scaled = F.resize(boxes, params["size"]).as_subclass(torch.Tensor)
-            moved = scaled + scaled.new_tensor([left, top, left, top])
-            moved[:, 0::2] = moved[:, 0::2].clamp(0, width)
-            moved[:, 1::2] = moved[:, 1::2].clamp(0, height)
+            moved = clip_boxes(scaled + scaled.new_tensor([left, top, left, top]), height, width)
             xyxy = tv_tensors.BoundingBoxes(moved, format="XYXY", canvas_size=(height, width))
             return F.convert_bounding_box_format(xyxy, new_format=inpt.format)
         if not isinstance(inpt, (tv_tensors.Image, tv_tensors.Mask)):
