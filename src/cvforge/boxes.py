@@ -75,7 +75,7 @@ def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def letterbox_params(height: int, width: int, size: int) -> tuple[float, int, int, int, int]:
     """(ratio, new_h, new_w, top, left) of a letterbox onto a ``size`` x ``size`` canvas: the longer
-    side scaled to ``size``, aspect ratio kept, centred (same rounding as ``data.transforms.Letterbox``)."""
+    side scaled to ``size``, aspect ratio kept, centred (``data.transforms.Letterbox`` uses it too)."""
     ratio = size / max(height, width)
     new_h, new_w = max(1, round(height * ratio)), max(1, round(width * ratio))
     return ratio, new_h, new_w, (size - new_h) // 2, (size - new_w) // 2

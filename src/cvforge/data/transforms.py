@@ -30,7 +30,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from cvforge.boxes import clip_boxes
+from cvforge.boxes import clip_boxes, letterbox_params
 from cvforge.config import TASKS
 from cvforge.data.dataset import IGNORE
 from cvforge.errors import CvforgeError
@@ -232,9 +232,7 @@ class Letterbox(v2.Transform):
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         height, width = v2.query_size(flat_inputs)
-        ratio = self.size / max(height, width)
-        new_h, new_w = max(1, round(height * ratio)), max(1, round(width * ratio))
-        top, left = (self.size - new_h) // 2, (self.size - new_w) // 2
+        _, new_h, new_w, top, left = letterbox_params(height, width, self.size)
         padding = [left, top, self.size - new_w - left, self.size - new_h - top]
         return {"size": [new_h, new_w], "padding": padding, "unchanged": height == width == self.size}
 
