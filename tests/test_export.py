@@ -63,6 +63,27 @@ def test_predict_with_the_onnx_file_from_the_command_line(checkpoint, tmp_path, 
     assert record["overlay_file"].endswith("a.png") and record["top"][0]["name"] in CLASSES
 
 
+def test_eval_of_the_onnx_file_gives_the_checkpoints_metrics(checkpoint, tmp_path):
+    """Masks labelled with the checkpoint's own predictions: its mIoU is far from 0, and the ONNX file's
+    evaluation through onnxruntime must give the same numbers."""
+    from cvforge.api import evaluate, load
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 255, (2, 48, 64, 3), dtype=np.uint8)
+    with torch.no_grad():
+        masks = load(checkpoint, device="cpu").module(torch.from_numpy(images).permute(0, 3, 1, 2))["masks"]
+    for index, (pixels, mask) in enumerate(zip(images, masks)):
+        for folder, array in (("images", pixels), ("masks", mask.numpy().astype(np.uint8))):
+            (tmp_path / folder / "val").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(tmp_path / folder / "val" / f"{index}.png")
+    (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    onnx_path = export_onnx(checkpoint, out=tmp_path / "model.onnx")
+    expected = evaluate(checkpoint, data=str(tmp_path), out=tmp_path / "eval_pt", device="cpu", quiet=True)
+    got = evaluate(onnx_path, data=str(tmp_path), out=tmp_path / "eval_onnx", quiet=True)
+    assert expected["mIoU"] > 0.9 and got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-3, nan_ok=True), key
+
+
 def test_export_mistakes_are_one_line_errors(tmp_path, capsys):
     assert main(["export", "--weights", str(tmp_path / "missing.pt")]) == 2
     assert "missing.pt" in capsys.readouterr().err

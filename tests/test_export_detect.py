@@ -104,3 +104,55 @@ def test_detector_export_mistakes_are_one_line_errors(yolo_n, tmp_path, capsys):
     assert err.startswith("cvforge: error: ONNX cannot express") and err.count("\n") == 1 and "112" in err
     assert main(["export", "--weights", str(yolo_n), "--imgsz", "96", "--out", str(tmp_path / "x.onnx")]) == 2
     assert "leave out --imgsz" in capsys.readouterr().err
+
+
+def _data_labelled_by(checkpoint, root):
+    """A YOLO-format val split of two random images whose labels are the checkpoint's own most confident
+    detections (up to 3 per image), so that its metrics are far from 0 and a difference would show."""
+    from cvforge.api import load
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 255, (64, 80, 3), dtype=np.uint8), rng.integers(0, 255, (72, 56, 3), dtype=np.uint8)]
+    with torch.no_grad():
+        detections = load(checkpoint, device="cpu").module([torch.from_numpy(i).permute(2, 0, 1) for i in images])
+    for index, (pixels, found) in enumerate(zip(images, detections)):
+        (root / "images" / "val").mkdir(parents=True, exist_ok=True)
+        (root / "labels" / "val").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(root / "images" / "val" / f"{index}.png")
+        height, width = pixels.shape[:2]
+        lines = [f"{int(label)} {(x1 + x2) / 2 / width} {(y1 + y2) / 2 / height} {(x2 - x1) / width} {(y2 - y1) / height}"
+                 for (x1, y1, x2, y2), label in zip(found["boxes"][:3].tolist(), found["labels"][:3])]
+        (root / "labels" / "val" / f"{index}.txt").write_text("\n".join(lines) + "\n")
+    (root / "data.yaml").write_text(f"path: .\nval: images/val\nnames: {CLASSES}\n")
+    return root / "data.yaml"
+
+
+def test_eval_of_the_onnx_detector_gives_the_checkpoints_metrics(yolo_n, tmp_path, capsys):
+    data = _data_labelled_by(yolo_n, tmp_path / "data")
+    onnx_path = export_onnx(yolo_n, out=tmp_path / "model.onnx")
+    assert load_onnx(onnx_path).data == "shapes"  # the training data's SPEC: eval's default --data
+    from cvforge.api import evaluate
+    expected = evaluate(yolo_n, data=str(data), out=tmp_path / "eval_pt", device="cpu", quiet=True)
+    got = evaluate(onnx_path, data=str(data), out=tmp_path / "eval_onnx", quiet=True)
+    assert expected["mAP50"] > 0.5
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-4, nan_ok=True), key
+    capsys.readouterr()
+    assert main(["eval", "--weights", str(onnx_path), "--data", str(data), "--out", str(tmp_path / "cli")]) == 0
+    assert f"{expected['mAP50']:.4f}" in capsys.readouterr().out
+
+
+def test_onnx_files_are_named_as_such_where_a_checkpoint_is_needed(yolo_n, tmp_path, capsys):
+    onnx_path = export_onnx(yolo_n, out=tmp_path / "model.onnx")
+    model = onnx.load(str(onnx_path))  # as exported before the training data went into the metadata
+    kept = [p for p in model.metadata_props if p.key != "data"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    capsys.readouterr()
+    assert main(["eval", "--weights", str(tmp_path / "old.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "does not say which data" in err and "--data" in err and err.count("\n") == 1
+    assert main(["export", "--weights", str(onnx_path)]) == 2
+    err = capsys.readouterr().err
+    assert "an exported ONNX model, not a checkpoint" in err and err.count("\n") == 1

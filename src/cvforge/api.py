@@ -11,6 +11,7 @@ and hands them to the engine. The work itself lives in the files those parts com
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -150,6 +151,9 @@ def load(path: str | os.PathLike, device: str = "auto", fuse: bool = True, chann
     and cuDNN's fastest kernels use: on a 2-core CPU at batch 1, 1.07x (Faster R-CNN) to 1.6x (YOLOv1) faster
     inference, the same outputs up to float rounding."""
     path = Path(path)
+    if is_onnx(path):
+        raise CvforgeError("this is an exported ONNX model, not a checkpoint", path,
+                           "run it with `cvforge predict` / `cvforge eval --weights`, or cvforge.export.load_onnx")
     state = load_checkpoint(path)
     spec, classes = state.get("model_spec"), state.get("class_names")
     if not isinstance(spec, dict) or not classes:
@@ -168,21 +172,41 @@ def load(path: str | os.PathLike, device: str = "auto", fuse: bool = True, chann
     return Model(module.to(device, memory_format=memory_format), spec["task"], list(classes), config, path, device)
 
 
+def is_onnx(weights: str | os.PathLike) -> bool:
+    return str(weights).lower().endswith(".onnx")
+
+
+def load_for_inference(weights: str | os.PathLike, device: str = "auto") -> tuple[Any, contextlib.AbstractContextManager]:
+    """A checkpoint (``load``) or an exported ``.onnx`` file (run by onnxruntime, ``export.OnnxModel``: the
+    same ``task``, ``classes``, ``transforms``, ``device`` and ``module``), and the context to run it in:
+    for ONNX, torch at one thread (``export.torch_beside_onnxruntime``), else nothing."""
+    if is_onnx(weights):
+        from cvforge.export import load_onnx, torch_beside_onnxruntime
+        return load_onnx(weights), torch_beside_onnxruntime()
+    return load(weights, device), contextlib.nullcontext()
+
+
 # --------------------------------------------------------------------------------------------- evaluate
 @torch.inference_mode()
 def evaluate(weights: str | os.PathLike, data: str | None = None, split: str = "val", *, batch: int = 16,
              workers: int = 0, out: str | os.PathLike | None = None, device: str = "auto",
              quiet: bool = False) -> dict[str, float]:
-    """Metrics of a checkpoint on a data split (default: the data it was trained on); writes the task's
-    plots (e.g. the confusion matrix) to ``out`` (default: a new ``runs/<task>/eval`` folder)."""
+    """Metrics of a checkpoint (or an exported ``.onnx`` file) on a data split (default: the data it was
+    trained on); writes the task's plots (e.g. the confusion matrix) to ``out`` (default: a new
+    ``runs/<task>/eval`` folder)."""
     from cvforge.predict import write_eval_plots
-    model = load(weights, device)
-    dataset = build_dataset(data or model.config.data, split, model.task, transforms=model.transforms)
+    model, context = load_for_inference(weights, device)
+    data = data or (model.data if is_onnx(weights) else model.config.data)
+    if not data:  # an ONNX file exported before the training data went into its metadata
+        raise CvforgeError("the ONNX file does not say which data it was trained on", weights,
+                           "pass --data SPEC (e.g. --data shapes)")
+    dataset = build_dataset(data, split, model.task, transforms=model.transforms)
     if dataset.classes != model.classes:
         raise CvforgeError(f"the data has classes {dataset.classes[:6]}, the model {model.classes[:6]}",
-                           data or model.config.data, "evaluate on data with the classes the model was trained on")
-    evaluator = evaluate_module(model.module, dataset, model.task, model.device, batch=batch, workers=workers,
-                                desc=None if quiet else f"eval {split}")
+                           data, "evaluate on data with the classes the model was trained on")
+    with context:
+        evaluator = evaluate_module(model.module, dataset, model.task, model.device, batch=batch, workers=workers,
+                                    desc=None if quiet else f"eval {split}")
     metrics = {key: float(value) for key, value in evaluator.compute().items()}
     out = Path(out) if out else next_run_dir(Path("runs") / model.task, "eval")
     write_eval_plots(model.task, evaluator, model.classes, out)

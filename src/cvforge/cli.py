@@ -105,7 +105,7 @@ def _boolean(text: str) -> bool:
 
 def _eval_predict_parsers(sub) -> None:
     evaluate = sub.add_parser("eval", help="metrics of trained weights on a data split")
-    evaluate.add_argument("--weights", required=True, help="a checkpoint written by cvforge train")
+    evaluate.add_argument("--weights", required=True, help="a checkpoint (.pt) or an exported model (.onnx)")
     evaluate.add_argument("--data", help="data SPEC (default: the data the model was trained on)")
     evaluate.add_argument("--split", default="val")
     evaluate.add_argument("--batch", type=int, default=16)

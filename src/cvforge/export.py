@@ -139,7 +139,7 @@ def export_onnx(weights: str | os.PathLike, out: str | os.PathLike | None = None
                            f"export a {' or '.join(EXPORTABLE_TASKS)} model")
     out = Path(out) if out else Path(weights).with_suffix(".onnx")
     metadata = {"task": model.task, "classes": json.dumps(model.classes), "model": str(model.config.model),
-                "cvforge_version": __version__}
+                "data": str(model.config.data), "cvforge_version": __version__}
     if model.task in DETECTION_TASKS:
         graph = _detector_graph(model, imgsz, weights)
         if graph.kind != "raw" and opset < 16:  # below 16, ONNX's RoiAlign has no half-pixel (aligned) mode
@@ -353,6 +353,7 @@ class OnnxModel:
             raise CvforgeError("the ONNX model has no cvforge metadata (task, classes)", self.path,
                                "export it with `cvforge export --format onnx`")
         self.task, self.classes = meta["task"], json.loads(meta["classes"])
+        self.data = meta.get("data", "")  # the training data's SPEC ("" in files exported before it was stored)
         self.imgsz = int(meta.get("imgsz", 224))
         self.transforms = build_transforms(self.task, False, self.imgsz)
         self.device = torch.device("cpu")

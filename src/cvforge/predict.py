@@ -10,7 +10,6 @@ Weights ending in ``.onnx`` (``cvforge export``) run through onnxruntime.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
@@ -307,15 +306,10 @@ def predict(weights: str | os.PathLike, sources: Iterable[str | os.PathLike], *,
             top: int = 5, device: str = "auto", batch: int = 16) -> tuple[list[dict[str, Any]], list[Path]]:
     """Predict every image and video of ``sources``; returns the records (one per image or video frame)
     and the files written to ``out`` (default: a new ``runs/<task>/predict`` folder)."""
-    from cvforge.api import load
+    from cvforge.api import load_for_inference
     from cvforge.engine.checkpoint import next_run_dir
     from cvforge.engine.optim import to_device
-    threads = contextlib.nullcontext()
-    if str(weights).lower().endswith(".onnx"):  # runs through onnxruntime (cvforge export --format onnx)
-        from cvforge.export import load_onnx, torch_beside_onnxruntime
-        model, threads = load_onnx(weights), torch_beside_onnxruntime()
-    else:
-        model = load(weights, device)
+    model, threads = load_for_inference(weights, device)  # .onnx: through onnxruntime
     if model.task == "segment":
         batch = 1  # full-size images of different sizes: masks stay in each image's own pixels
     files, videos = source_files(sources)
