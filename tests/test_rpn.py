@@ -75,7 +75,9 @@ def test_learns_to_propose_the_object():
     optimizer = torch.optim.Adam([*stem.parameters(), *rpn.parameters()], lr=0.01)
     batch, raw = torch.zeros(1, 3, 64, 64), _features(64, 8, gt)
     rpn.train()
-    for _ in range(60):
+    # 150 steps: at 60 the best proposal was still jumping onto the object (IoU 0.0 at step 40, 0.52-0.62
+    # at 60 depending on the CPU's float kernels); seeds 0-3 all reach >= 0.96 by step 140
+    for _ in range(150):
         proposals, losses = rpn(batch, [stem(raw)], [(64, 64)], 64, [{"boxes": gt}])
         optimizer.zero_grad()
         sum(losses.values()).backward()
@@ -83,4 +85,4 @@ def test_learns_to_propose_the_object():
     rpn.eval()
     with torch.no_grad():
         proposals, _ = rpn(batch, [stem(raw)], [(64, 64)], 64)
-    assert box_iou(proposals[0][:1], gt).item() > 0.6  # the best-scored proposal is the object
+    assert box_iou(proposals[0][:1], gt).item() > 0.8  # the best-scored proposal is the object
