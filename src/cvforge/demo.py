@@ -74,7 +74,9 @@ def cpu_numerics() -> dict[str, bool]:
     """Training numerics for the demo: bfloat16 autocast + NHWC weights on a CPU that multiplies bfloat16
     natively (Intel AMX) and has no CUDA device, else {} (the trainer's defaults). On the 2-core AMX machine of
     BENCHMARKS.md this fits 52-54 epochs in the budget instead of 40 (mAP50 0.86 and 0.58 in two seeds, float32
-    0.48 and 0.56); the gradients agree with float32's (median cosine 0.998)."""
+    0.48 and 0.56); the gradients agree with float32's (median cosine 0.998). Without AMX there are no native
+    bfloat16 kernels (on an AVX2-only CPU convolutions fall back to a reference path: yolov1's training step
+    31 -> 3 img/s), and NHWC alone does not pay in float32 there (21 vs 24 demo epochs), hence {}."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     return {"amp": True, "channels_last": True} if amx and not torch.cuda.is_available() else {}
 
