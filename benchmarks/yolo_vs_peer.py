@@ -307,16 +307,13 @@ def train_peer(python: Path, peer_yaml: Path, args: argparse.Namespace) -> dict:
 def cvforge_pass(weights: str, images: list, onnx_file: Path | None = None) -> dict:
     """Batch-1 predictions and ms per call of a cvforge checkpoint over ``images`` (uint8 [3, H, W]): in
     PyTorch, or through onnxruntime when ``onnx_file`` (its ``cvforge export``) is given."""
-    import contextlib
-
     import torch
 
-    import cvforge
-    from cvforge.export import load_onnx, torch_beside_onnxruntime
-    # the ONNX model's Python module is the same detector (its graph stands in for the network): same parameters
-    model = load_onnx(onnx_file) if onnx_file else cvforge.load(weights, device="cpu")
+    from cvforge.api import load_for_inference
+    # the ONNX model's Python module is the same detector (its graph stands in for the network): same parameters;
+    # threads: torch at one thread beside onnxruntime, as `cvforge predict` runs it
+    model, threads = load_for_inference(onnx_file or weights, device="cpu")
     module = model.module
-    threads = torch_beside_onnxruntime() if onnx_file else contextlib.nullcontext()  # as `cvforge predict` does
     with threads, torch.inference_mode():
         for _ in range(WARMUP_CALLS):
             module([images[0]])

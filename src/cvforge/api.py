@@ -132,6 +132,11 @@ class Model:
         self.device = device
         self.transforms = build_transforms(task, False, config.imgsz)
 
+    @property
+    def data(self) -> str:
+        """The SPEC of the data it was trained on (``export.OnnxModel`` has the same attribute)."""
+        return self.config.data
+
     def __repr__(self) -> str:
         return f"cvforge.Model({self.config.model}, task={self.task}, classes={len(self.classes)}, from {self.path})"
 
@@ -196,7 +201,7 @@ def evaluate(weights: str | os.PathLike, data: str | None = None, split: str = "
     ``runs/<task>/eval`` folder)."""
     from cvforge.predict import write_eval_plots
     model, context = load_for_inference(weights, device)
-    data = data or (model.data if is_onnx(weights) else model.config.data)
+    data = data or model.data
     if not data:  # an ONNX file exported before the training data went into its metadata
         raise CvforgeError("the ONNX file does not say which data it was trained on", weights,
                            "pass --data SPEC (e.g. --data shapes)")
